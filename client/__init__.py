@@ -1,0 +1,1 @@
+"""What runs on a device: the ClientApp, personalization algorithms, personal state."""

@@ -1,0 +1,97 @@
+"""The shape of a personalization algorithm (after FedJAX: a few explicit steps).
+
+An algorithm says which weights are shared with the server, how a device turns
+the global model plus its personal state into an update, and which model is the
+device's personalized one. Everything else (data, state I/O, messages) is the
+ClientApp's job, so an algorithm is a small module that is easy to test alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from client.algorithms.loop import DeviceData, make_optimizer, proximal_term, train_epochs
+from client.state import PersonalState
+from common.protocol import RoundInstructions
+from common.weights import Arrays, load_arrays, model_to_arrays
+
+
+@dataclass
+class ClientUpdate:
+    """What one round of local work produced."""
+
+    shared: Arrays
+    """Weights sent to the server (never data)."""
+    state: PersonalState
+    """What the device keeps on its own disk."""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Algorithm:
+    """Base class: FedAvg-style full-model training; subclasses override the hooks."""
+
+    name: ClassVar[str] = "base"
+
+    def personal_keys(self, model: nn.Module) -> set[str]:
+        """State-dict keys that stay on the device and are never sent."""
+        return set()
+
+    def shared_keys(self, model: nn.Module) -> set[str]:
+        return set(model.state_dict()) - self.personal_keys(model)
+
+    def load_personalized(
+        self, model: nn.Module, global_arrays: Arrays, state: PersonalState | None
+    ) -> None:
+        """Put the device's personalized model into ``model`` (for evaluation)."""
+        load_arrays(model, global_arrays)
+        if state is not None:
+            load_arrays(model, state.arrays, strict=False)
+
+    def start_from(
+        self, model: nn.Module, global_arrays: Arrays, state: PersonalState | None
+    ) -> None:
+        """Initial weights for local training: global, with personal parts restored."""
+        load_arrays(model, global_arrays)
+        if state is not None:
+            personal = {k: v for k, v in state.arrays.items() if k in self.personal_keys(model)}
+            load_arrays(model, personal, strict=False)
+
+    def client_update(
+        self,
+        model: nn.Module,
+        global_arrays: Arrays,
+        state: PersonalState | None,
+        data: DeviceData,
+        instr: RoundInstructions,
+        generator: torch.Generator,
+    ) -> ClientUpdate:
+        self.start_from(model, global_arrays, state)
+        extra = None
+        if instr.proximal_mu > 0:
+            ref = {k: torch.from_numpy(np.asarray(v)) for k, v in global_arrays.items()}
+            extra = proximal_term(ref, instr.proximal_mu)
+        opt = make_optimizer(model.parameters(), instr.lr, instr.momentum, instr.weight_decay)
+        loss, steps = train_epochs(
+            model,
+            data.x_train,
+            data.y_train,
+            epochs=instr.local_epochs,
+            batch_size=instr.batch_size,
+            optimizer=opt,
+            generator=generator,
+            extra_loss=extra,
+        )
+        shared = model_to_arrays(model, self.shared_keys(model))
+        new_state = self.new_state(model, state)
+        return ClientUpdate(shared, new_state, {"train_loss": loss, "steps": float(steps)})
+
+    def new_state(self, model: nn.Module, old: PersonalState | None) -> PersonalState:
+        """What to keep on disk after training (default: the personal keys)."""
+        meta = dict(old.meta) if old else {}
+        meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
+        return PersonalState(model_to_arrays(model, self.personal_keys(model)), meta)

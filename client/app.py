@@ -1,0 +1,96 @@
+"""The Flower ClientApp: decode the message, run the algorithm, encode the reply.
+
+A reply carries model arrays and scalar metrics only, never samples or labels.
+"""
+
+from __future__ import annotations
+
+import time
+
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.algorithms import get_algorithm
+from client.algorithms.loop import evaluate
+from client.runtime import device_data, device_env, device_store, model_for, set_threads
+from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RoundInstructions
+from common.records import from_record, to_record
+from common.seeding import torch_generator
+from common.weights import load_arrays
+
+app = ClientApp()
+
+
+def _instructions(msg: Message) -> RoundInstructions:
+    return RoundInstructions.from_flat(msg.content[CONFIG_KEY])
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Registration: tell the server which device this node is and its data sizes."""
+    env = device_env(context)
+    data = device_data(env)
+    metrics = MetricRecord(
+        {
+            "device-id": env.device_id,
+            "num-train": int(data.y_train.shape[0]),
+            "num-test": int(data.y_test.shape[0]),
+        }
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One round of local training from the served global model."""
+    t0 = time.perf_counter()
+    instr = _instructions(msg)
+    set_threads(instr.torch_threads)
+    env = device_env(context)
+    data = device_data(env)
+    store = device_store(env)
+    algo = get_algorithm(instr.algorithm)
+    model = model_for(instr.model_spec)
+    global_arrays = from_record(msg.content[ARRAYS_KEY])
+    state = store.load(env.device_id)
+    gen = torch_generator(instr.seed, "train", instr.round, env.device_id)
+    update = algo.client_update(model, global_arrays, state, data, instr, gen)
+    update.state.meta["last_round"] = instr.round
+    store.save(env.device_id, update.state)
+    metrics = {
+        "num-examples": int(data.y_train.shape[0]),
+        "device-id": env.device_id,
+        "train-time-s": time.perf_counter() - t0,
+        **{k.replace("_", "-"): float(v) for k, v in update.metrics.items()},
+    }
+    content = RecordDict({ARRAYS_KEY: to_record(update.shared), METRICS_KEY: MetricRecord(metrics)})
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_device(msg: Message, context: Context) -> Message:
+    """Global and personalized model on the device's own test split."""
+    instr = _instructions(msg)
+    set_threads(instr.torch_threads)
+    env = device_env(context)
+    data = device_data(env)
+    algo = get_algorithm(instr.algorithm)
+    model = model_for(instr.model_spec)
+    global_arrays = from_record(msg.content[ARRAYS_KEY])
+    load_arrays(model, global_arrays)
+    g_loss, g_acc = evaluate(model, data.x_test, data.y_test, instr.eval_batch_size)
+    state = device_store(env).load(env.device_id)
+    algo.load_personalized(model, global_arrays, state)
+    p_loss, p_acc = evaluate(model, data.x_test, data.y_test, instr.eval_batch_size)
+    metrics = MetricRecord(
+        {
+            "num-examples": int(data.y_test.shape[0]),
+            "device-id": env.device_id,
+            "global-acc": g_acc,
+            "global-loss": g_loss,
+            "personal-acc": p_acc,
+            "personal-loss": p_loss,
+            "has-personal": int(state is not None),
+        }
+    )
+    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)

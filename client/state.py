@@ -1,0 +1,72 @@
+"""Disk-backed personal state, one file per device.
+
+Why not Flower's ``Context.state``: in simulation Flower keeps every node's Context
+in the simulation process's memory and ships it to a worker on each call, so
+memory grows with devices x model size. A file per device keeps memory flat in
+the number of devices and mirrors a real device's own storage.
+
+A device's state is one safetensors file (arrays plus a small JSON metadata
+string), replaced atomically: a crash mid-write leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError
+
+from common.atomic import atomic_write_bytes
+from common.weights import from_safetensors, to_safetensors
+
+_META_KEY = "hybridfl"
+
+
+@dataclass
+class PersonalState:
+    """What a device keeps between rounds: personal arrays and small scalars."""
+
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, float | int | str] = field(default_factory=dict)
+
+
+class StateCorruptError(RuntimeError):
+    """A state file exists but cannot be read (disk corruption, foreign file)."""
+
+
+class PersonalStateStore:
+    """Per-device state files under ``root`` (``device-<id>.safetensors``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, device_id: int) -> Path:
+        return self.root / f"device-{int(device_id):06d}.safetensors"
+
+    def load(self, device_id: int) -> PersonalState | None:
+        """The device's state, or None for a device that has never trained."""
+        p = self.path(device_id)
+        try:
+            blob = p.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            arrays = from_safetensors(blob)
+            meta = json.loads(_read_metadata(blob).get(_META_KEY, "{}"))
+        except (SafetensorError, ValueError) as err:
+            raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
+        return PersonalState(arrays=arrays, meta=meta)
+
+    def save(self, device_id: int, state: PersonalState) -> None:
+        """Write atomically: temp file in the same folder, fsync, rename, fsync dir."""
+        blob = to_safetensors(state.arrays, metadata={_META_KEY: json.dumps(state.meta)})
+        atomic_write_bytes(self.path(device_id), blob)
+
+
+def _read_metadata(blob: bytes) -> dict[str, str]:
+    header_len = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8 : 8 + header_len])
+    return dict(header.get("__metadata__", {}))

@@ -1,0 +1,1 @@
+"""Framework-free building blocks shared by the client, the server and the CLI."""

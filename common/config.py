@@ -1,0 +1,254 @@
+"""The experiment schema: one typed config from TOML file to ClientApp.
+
+Why pydantic with ``extra="forbid"`` everywhere: a typo in a key (``local_epoch``)
+must stop the run with the key's name, not silently fall back to a default and
+waste an hour of simulation.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["digits", "npz", "idx", "femnist"]
+PartitionMethod = Literal["iid", "dirichlet", "pathological", "shards", "natural"]
+ModelName = Literal["logistic", "mlp2nn", "cnn"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+AlgorithmName = Literal["fedavg", "fedper"]
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (key, value, fix)."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    """Where the samples come from. ``path`` is required for file datasets."""
+
+    dataset: DatasetName = "digits"
+    path: str = ""
+    test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
+    """Share of each device's samples kept as that device's own test split."""
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> DataConfig:
+        if self.dataset != "digits" and not self.path:
+            raise ValueError(
+                f"data.path is required for dataset '{self.dataset}': set it to the "
+                "file or folder to load (e.g. --set data.path=../shared/data/mnist.npz)"
+            )
+        return self
+
+
+class PartitionConfig(_Section):
+    """How the training pool is split across devices."""
+
+    method: PartitionMethod = "dirichlet"
+    num_devices: int = Field(20, ge=1)
+    alpha: float = Field(0.5, gt=0.0)
+    """Dirichlet concentration; smaller means more label skew."""
+    classes_per_device: int = Field(2, ge=1)
+    """Pathological split: number of distinct labels per device."""
+    shards_per_device: int = Field(2, ge=1)
+    """Shards split (McMahan et al.): shards of sorted labels per device."""
+    min_samples_per_device: int = Field(2, ge=2)
+    """Every device needs at least one train and one test sample."""
+
+
+class ModelConfig(_Section):
+    """Architecture; input shape and class count come from the dataset."""
+
+    name: ModelName = "cnn"
+    hidden: int = Field(200, ge=1)
+    """Width of the 2NN hidden layers (McMahan et al.: 200)."""
+
+
+class StrategyConfig(_Section):
+    """Server-side aggregation (a strategy of ``flwr.serverapp.strategy``)."""
+
+    name: StrategyName = "fedavg"
+    fraction_train: float = Field(0.5, gt=0.0, le=1.0)
+    min_train_devices: int = Field(1, ge=1)
+    proximal_mu: float = Field(0.01, ge=0.0)
+    """FedProx: strength of the proximal term sent to the devices."""
+    server_lr: float = Field(0.01, gt=0.0)
+    """FedAdam: server learning rate (eta)."""
+    trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
+    """FedTrimmedAvg: fraction cut from each end before averaging."""
+    round_timeout_s: float = Field(600.0, gt=0.0)
+
+
+class ClientConfig(_Section):
+    """On-device training: the personalization algorithm and its optimiser."""
+
+    algorithm: AlgorithmName = "fedavg"
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(10, ge=1)
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+
+
+class SimulationConfig(_Section):
+    """Ray backend of Flower's Simulation Engine."""
+
+    num_cpus_per_client: int = Field(1, ge=1)
+    num_gpus_per_client: float = Field(0.0, ge=0.0)
+    max_workers: int = Field(0, ge=0)
+    """CPUs given to Ray (0 = all cores); with num_cpus_per_client this caps the
+    number of ClientApps running in parallel."""
+    ray_address: str = ""
+    """Address of an existing Ray cluster (e.g. ``ray://head:10001`` or ``auto``);
+    empty starts a local Ray instance inside the run folder."""
+    torch_threads: int = Field(1, ge=1)
+    """Torch intra-op threads per ClientApp; 1 avoids oversubscribing cores."""
+
+
+class EvaluationConfig(_Section):
+    """When and where models are evaluated."""
+
+    every: int = Field(1, ge=1)
+    """Evaluate every k rounds (the last round is always evaluated)."""
+    batch_size: int = Field(512, ge=1)
+
+
+class OutputConfig(_Section):
+    """Where the run folder goes."""
+
+    root: str = "runs"
+    plot: bool = True
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment. Sections mirror the TOML tables."""
+
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = Field(0, ge=0)
+    rounds: int = Field(10, ge=1)
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    client: ClientConfig = ClientConfig()
+    simulation: SimulationConfig = SimulationConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    output: OutputConfig = OutputConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        if self.partition.method == "natural" and self.data.dataset != "femnist":
+            raise ValueError(
+                "partition.method = 'natural' needs data with writer ids: set "
+                "data.dataset = 'femnist' or choose iid/dirichlet/pathological/shards"
+            )
+        if self.strategy.min_train_devices > self.partition.num_devices:
+            raise ValueError(
+                f"strategy.min_train_devices ({self.strategy.min_train_devices}) is "
+                f"larger than partition.num_devices ({self.partition.num_devices}): "
+                "lower it or add devices"
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<top level>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check its spelling")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"  {key}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def validate_config(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a raw dict, turning pydantic's errors into one readable message."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML value, falling back to a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides to a raw config dict (copied)."""
+    out: dict[str, Any] = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(
+                f"override '{item}' has no '=': write it as section.key=value "
+                "(e.g. --set client.lr=0.01)"
+            )
+        dotted, text = item.split("=", 1)
+        parts = [p.strip() for p in dotted.strip().split(".")]
+        if not all(parts) or len(parts) > 2:
+            raise ConfigError(
+                f"override key '{dotted}' must be 'key' or 'section.key' "
+                "(e.g. rounds=5 or partition.alpha=0.1)"
+            )
+        target = out
+        if len(parts) == 2:
+            section = target.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"override '{dotted}': '{parts[0]}' is not a section")
+            target = section
+        target[parts[-1]] = _parse_value(text.strip())
+    return out
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load a TOML experiment (default: the bundled quickstart) plus overrides."""
+    p = Path(path) if path else default_config_path()
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p} (expected a TOML experiment file)")
+    try:
+        raw = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
+    raw = apply_overrides(raw, overrides or [])
+    return validate_config(raw, source=str(p))
+
+
+def default_config_path() -> Path:
+    """The bundled quickstart, found next to the packages (works in a FAB too)."""
+    return Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
+
+
+def dump_config(cfg: ExperimentConfig) -> str:
+    """Serialise the resolved config to TOML (all defaults spelled out)."""
+    data = cfg.model_dump()
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    blocks = ["\n".join(top)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            body = "\n".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
+            blocks.append(f"[{key}]\n{body}")
+    return "\n\n".join(blocks) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")

@@ -1,0 +1,64 @@
+"""The run folder: one place for every file a run reads or writes.
+
+Why a module: the CLI prepares a run folder before the SuperLink starts, and the
+ServerApp prepares one itself when a Flower user calls ``flwr run .`` directly;
+both must write the same files the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from common.atomic import atomic_write_text
+from common.config import ExperimentConfig, dump_config
+from common.data import build_partition, load_dataset, partition_stats, save_partition
+
+CONFIG_FILE = "config.toml"
+PARTITION_FILE = "partition.npz"
+PARTITION_STATS_FILE = "partition.json"
+METRICS_FILE = "metrics.jsonl"
+TIMINGS_FILE = "timings.jsonl"
+SUMMARY_FILE = "summary.json"
+FAILURE_FILE = "failure.json"
+STATE_DIR = "devices"
+MODEL_FILE = "final_model.safetensors"
+MANIFEST_FILE = "final_model.json"
+PLOT_FILE = "accuracy.png"
+LOG_DIR = "logs"
+
+
+def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
+    """Write the resolved config and the partition; return the partition stats."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    dataset = load_dataset(cfg.data)
+    partition = build_partition(dataset, cfg)
+    save_partition(partition, run_dir / PARTITION_FILE)
+    stats = partition_stats(dataset, partition)
+    atomic_write_text(run_dir / PARTITION_STATS_FILE, json.dumps(stats, indent=1) + "\n")
+    return stats
+
+
+def read_jsonl(path: Path) -> list[dict[str, object]]:
+    """Read a JSON-lines file, ignoring a last line still being written."""
+    rows: list[dict[str, object]] = []
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return rows
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def append_jsonl(path: Path, row: dict[str, object]) -> None:
+    """Append one line and flush it to disk (readers tail this file live)."""
+    with path.open("a") as f:
+        f.write(json.dumps(row, sort_keys=True) + "\n")
+        f.flush()

@@ -1,0 +1,1 @@
+"""What runs in the data centre: the ServerApp, the model registry, the HTTP server."""

@@ -1,0 +1,85 @@
+"""The Flower ServerApp: resolve the run folder, run the round loop, save results.
+
+Thin on purpose: the round loop lives in ``server.loop``; this module wires the
+run config (which carries only paths) to it and records how the run ended.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from common.atomic import atomic_write_bytes, atomic_write_text
+from common.config import default_config_path, load_config
+from common.data import load_dataset
+from common.rundir import (
+    CONFIG_FILE,
+    FAILURE_FILE,
+    MANIFEST_FILE,
+    METRICS_FILE,
+    MODEL_FILE,
+    SUMMARY_FILE,
+    prepare_run_dir,
+    read_jsonl,
+)
+from common.weights import sha256_hex, to_safetensors
+from server.loop import ServerLoop, manifest
+from server.summary import summarize
+
+log = logging.getLogger("hybridfl.server")
+app = ServerApp()
+
+
+def resolve_run_dir(run_config: dict[str, object]) -> Path:
+    """The run folder named by the run config, or a new one for a bare ``flwr run .``."""
+    given = str(run_config.get("run-dir", "") or "")
+    if given:
+        run_dir = Path(given)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"run-dir {run_dir} has no {CONFIG_FILE}: prepare it first")
+        return run_dir
+    cfg_path = str(run_config.get("config", "") or "") or str(default_config_path())
+    cfg = load_config(cfg_path)
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.output.root).resolve() / f"{cfg.name}-{stamp}"
+    prepare_run_dir(cfg, run_dir)
+    return run_dir
+
+
+def save_final_model(loop: ServerLoop, run_dir: Path) -> str:
+    blob = to_safetensors(loop.global_arrays)
+    digest = sha256_hex(blob)
+    atomic_write_bytes(run_dir / MODEL_FILE, blob)
+    text = manifest(loop.spec, loop.cfg.rounds, digest, loop.last_metrics)
+    atomic_write_text(run_dir / MANIFEST_FILE, text + "\n")
+    return digest
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_dir = resolve_run_dir(dict(context.run_config))
+    t0 = time.perf_counter()
+    try:
+        (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+        cfg = load_config(run_dir / CONFIG_FILE)
+        dataset = load_dataset(cfg.data)
+        loop = ServerLoop(grid, cfg, run_dir, dataset)
+        loop.run()
+        digest = save_final_model(loop, run_dir)
+        summary = summarize(read_jsonl(run_dir / METRICS_FILE))
+        summary.update({"model_sha256": digest, "server_wall_s": time.perf_counter() - t0})
+        atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    except Exception as err:
+        failure = {
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
+        atomic_write_text(run_dir / FAILURE_FILE, json.dumps(failure, indent=1) + "\n")
+        raise

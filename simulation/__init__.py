@@ -1,0 +1,1 @@
+"""Orchestration and the user-facing `hybridfl` command."""

@@ -1,0 +1,119 @@
+"""``hybridfl``: one entry point with sub-commands (after Flower's and Ray's CLIs).
+
+Exit codes tell the truth: 0 only when the run finished and completed; 2 for a
+bad config or missing data (nothing started); 1 when the run failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from common.config import ConfigError, ExperimentConfig, load_config
+from common.data import DataError
+from common.rundir import SUMMARY_FILE, prepare_run_dir
+
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="hybridfl: federated learning with a served global model and personalized devices.",
+)
+
+
+@cli.callback()
+def _root() -> None:
+    """hybridfl: federated learning with a served global model and personalized devices."""
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def new_run_dir(cfg: ExperimentConfig, out: Path | None) -> Path:
+    """``--out`` as given, else ``<output.root>/<name>``, never reusing a folder."""
+    if out is not None:
+        if out.exists() and any(out.iterdir()):
+            _fail(f"--out {out} exists and is not empty: choose a new folder")
+        return out
+    base = Path(cfg.output.root) / cfg.name
+    candidate, i = base, 1
+    while candidate.exists():
+        i += 1
+        candidate = base.with_name(f"{cfg.name}-{i}")
+    return candidate
+
+
+@cli.command()
+def simulate(
+    config: Annotated[
+        Path | None, typer.Argument(help="Experiment TOML (default: configs/quickstart.toml).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a key: --set rounds=5 --set partition.alpha=0.1"),
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: runs/<name>).")
+    ] = None,
+) -> None:
+    """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
+    from simulation.report import plot_accuracy, progress_line
+    from simulation.runner import RunnerError
+    from simulation.runner import simulate as run_sim
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as err:
+        _fail(str(err))
+    run_dir = new_run_dir(cfg, out).resolve()
+    try:
+        stats = prepare_run_dir(cfg, run_dir)
+    except (DataError, ConfigError) as err:
+        _fail(str(err))
+    summ = stats.get("summary", {})
+    typer.echo(
+        f"run folder: {run_dir}\n"
+        f"{cfg.partition.num_devices} devices ({cfg.partition.method} split of {cfg.data.dataset}), "
+        f"model {cfg.model.name}, strategy {cfg.strategy.name}, algorithm {cfg.client.algorithm}, "
+        f"{cfg.rounds} rounds; samples per device {summ}"
+    )
+
+    def on_round(row: dict[str, object], timing: dict[str, object]) -> None:
+        typer.echo(progress_line(row, timing, cfg.rounds))
+
+    try:
+        result = run_sim(cfg, run_dir, on_round=on_round)
+    except RunnerError as err:
+        _fail(str(err), code=1)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: all processes stopped", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130) from None
+    if not result.ok:
+        cause = result.failure or f"see {run_dir / 'logs' / 'run.log'}"
+        _fail(f"run {result.run_id} ended with status '{result.status}': {cause}", code=1)
+    if cfg.output.plot:
+        plot_accuracy(run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    last = summary.get("last", {})
+    typer.secho(
+        f"done in {result.wall_s:.1f}s: global test accuracy {last.get('global_test_acc', 0):.4f}, "
+        f"personalized on devices {last.get('device_personal_acc') or 0:.4f} "
+        f"(global on devices {last.get('device_global_acc') or 0:.4f}); results in {run_dir}",
+        fg=typer.colors.GREEN,
+    )
+
+
+def main() -> None:
+    try:
+        cli()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
