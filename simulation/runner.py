@@ -11,19 +11,19 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
 from common.config import ExperimentConfig
 from common.rundir import FAILURE_FILE, LOG_DIR, METRICS_FILE, TIMINGS_FILE, read_jsonl
+from simulation.procs import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("common", "client", "server", "simulation")
@@ -113,41 +113,6 @@ def ray_tmpdir(run_dir: Path) -> Path:
         target.unlink()
     target.symlink_to(short, target_is_directory=True)
     return short
-
-
-@dataclass
-class Processes:
-    """Every process a run started, so all of them can be stopped."""
-
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(
-        self, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
-    ) -> subprocess.Popen[bytes]:
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
-            p = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
-            )
-        self.procs.append(p)
-        return p
-
-    def stop_all(self, grace_s: float = 10.0) -> None:
-        """SIGTERM each process group, wait, then SIGKILL what is left."""
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for p in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for p in self.procs:
-            # The group may hold children (Ray workers, ServerApp) even if p exited.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(p.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.wait(timeout=5)
 
 
 @dataclass

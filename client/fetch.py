@@ -1,0 +1,343 @@
+"""Fetch a global-model version from the model server, verified, into a local cache.
+
+One call (``fetch_model``) resolves an alias (or takes a version), revalidates a
+cached copy with ``If-None-Match`` (a current cache downloads nothing), streams
+new bytes to ``<sha256>.safetensors.incomplete``, resumes an interrupted
+transfer with ``Range`` + ``If-Range``, checks the sha256 and only then renames
+the file into place, the way huggingface_hub's cache does. A device therefore
+never loads bytes that do not hash to what the server's manifest promised.
+
+What the hash does not give: protection from a malicious server (it sends the
+manifest too); that is TLS's and, later, signatures' job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+from common.manifest import VersionManifest, is_sha256_hex
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model"]
+
+API = "/v1/models/global"
+CHUNK = 1 << 20
+DEFAULT_TIMEOUT = 30.0
+
+ProgressFn = Callable[[int, int], None]
+"""progress(bytes_on_disk, total_bytes), called after every chunk written."""
+
+
+class FetchError(RuntimeError):
+    """The model could not be fetched or did not verify; the message says why."""
+
+
+class _RangeRefused(Exception):
+    """416 on a resume: the partial file is not a prefix the server can continue."""
+
+
+@dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    """The verified safetensors file in the cache."""
+    manifest: VersionManifest
+    sha256: str
+    downloaded: bool
+    """False when the cached copy was current (nothing downloaded)."""
+    bytes: int
+    """Body bytes received over the network by this call."""
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Two processes fetching into one cache must not write the same .incomplete."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail) if detail else response.reason_phrase
+
+
+class _Fetcher:
+    def __init__(
+        self, client: httpx.Client, base_url: str, cache_dir: Path, progress: ProgressFn | None
+    ) -> None:
+        self.client = client
+        self.base_url = base_url
+        self.cache_dir = cache_dir
+        self.progress = progress
+
+    def _get(self, path: str, **kwargs: object) -> httpx.Response:
+        try:
+            return self.client.get(path, **kwargs)  # type: ignore[arg-type]
+        except httpx.ConnectError as exc:
+            raise self._unreachable(exc) from exc
+        except httpx.TimeoutException as exc:
+            raise FetchError(f"timed out talking to the model server at {self.base_url}") from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(f"request to {self.base_url}{path} failed: {exc}") from exc
+
+    def _unreachable(self, exc: Exception) -> FetchError:
+        return FetchError(
+            f"cannot reach the model server at {self.base_url} ({exc}); "
+            "is `hybridfl serve` running?"
+        )
+
+    def manifest(self, version: int | None, alias: str) -> VersionManifest:
+        if version is not None:
+            if version < 0:
+                raise FetchError(f"version must be >= 0, got {version}")
+            r = self._get(f"{API}/versions/{version}")
+            what = f"version {version}"
+            payload_key = None
+        else:
+            r = self._get(f"{API}/aliases/{alias}")
+            what = f"alias '{alias}'"
+            payload_key = "manifest"
+        if r.status_code == 404:
+            raise FetchError(f"{what} not found on {self.base_url}: {_detail(r)}")
+        if r.status_code == 422:
+            raise FetchError(f"{what} is not valid on {self.base_url}: {r.text[:300]}")
+        if r.status_code != 200:
+            raise FetchError(f"{what}: HTTP {r.status_code} from {self.base_url}: {_detail(r)}")
+        try:
+            data = r.json()
+            return VersionManifest.model_validate(data[payload_key] if payload_key else data)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FetchError(f"{what}: malformed manifest from {self.base_url}: {exc}") from exc
+
+    def fetch(self, manifest: VersionManifest) -> FetchResult:
+        sha = manifest.sha256
+        if not is_sha256_hex(sha):  # it becomes a file name: never trust it blindly
+            raise FetchError(f"manifest has an invalid sha256 {sha!r}")
+        final = self.cache_dir / f"{sha}.safetensors"
+        weights = f"{API}/versions/{manifest.version}/weights"
+        with _file_lock(self.cache_dir / f"{sha}.lock"):
+            if final.exists():
+                if final.stat().st_size == manifest.size and _hash_file(final) == sha:
+                    received = self._revalidate(weights, sha)
+                    if received is None:
+                        return FetchResult(final, manifest, sha, downloaded=False, bytes=0)
+                else:
+                    final.unlink()  # damaged on our disk: fetch it again
+            received = self._download(weights, manifest, final)
+            return FetchResult(final, manifest, sha, downloaded=True, bytes=received)
+
+    def _revalidate(self, url: str, sha: str) -> int | None:
+        """Conditional GET for a verified cached copy; None when it is current."""
+        etag = f'"{sha}"'
+        try:
+            with self.client.stream("GET", url, headers={"If-None-Match": etag}) as r:
+                if r.status_code == 304 or (r.status_code == 200 and r.headers.get("etag") == etag):
+                    return None  # a 200 with our ETag: same bytes, no need to read them
+                if r.status_code == 404:
+                    raise FetchError(f"{self.base_url}{url}: not found ({_detail_stream(r)})")
+                raise FetchError(
+                    f"{self.base_url}{url}: unexpected HTTP {r.status_code} on revalidation"
+                )
+        except httpx.ConnectError as exc:
+            raise self._unreachable(exc) from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(f"revalidating {self.base_url}{url} failed: {exc}") from exc
+
+    def _download(self, url: str, manifest: VersionManifest, final: Path) -> int:
+        part = final.with_name(final.name + ".incomplete")
+        try:
+            received = self._transfer(url, manifest, part)
+            have = _hash_file(part)
+            if have != manifest.sha256:
+                resumed = received < manifest.size  # a resume received only the tail
+                part.unlink()
+                if not resumed:
+                    raise FetchError(
+                        f"corrupt download of version {manifest.version} from {self.base_url}: "
+                        f"sha256 {have} != manifest {manifest.sha256}; file deleted"
+                    )
+                # The old partial may have been bad: one clean retry from byte 0.
+                received += self._transfer(url, manifest, part)
+                have = _hash_file(part)
+                if have != manifest.sha256:
+                    part.unlink()
+                    raise FetchError(
+                        f"corrupt download of version {manifest.version} from {self.base_url}: "
+                        f"sha256 {have} != manifest {manifest.sha256}; file deleted"
+                    )
+        except httpx.ConnectError as exc:
+            raise self._unreachable(exc) from exc
+        except httpx.TimeoutException as exc:
+            raise FetchError(
+                f"download of version {manifest.version} from {self.base_url} timed out; "
+                "run again to resume"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise FetchError(
+                f"download of version {manifest.version} from {self.base_url} failed ({exc}); "
+                "run again to resume"
+            ) from exc
+        os.replace(part, final)
+        _fsync_dir(final.parent)
+        return received
+
+    def _transfer(self, url: str, manifest: VersionManifest, part: Path) -> int:
+        """Fill ``part`` up to ``manifest.size`` bytes, resuming what is there.
+
+        Returns the bytes received; fewer than the size means it was a resume.
+        """
+        try:
+            return self._transfer_once(url, manifest, part)
+        except _RangeRefused:
+            part.unlink(missing_ok=True)  # the server disagrees about the partial: restart
+            return self._transfer_once(url, manifest, part)
+
+    def _transfer_once(self, url: str, manifest: VersionManifest, part: Path) -> int:
+        size = manifest.size
+        etag = f'"{manifest.sha256}"'
+        offset = part.stat().st_size if part.exists() else 0
+        if offset >= size:  # a complete (or oversized) leftover: start over
+            part.unlink(missing_ok=True)
+            offset = 0
+        headers = {"Range": f"bytes={offset}-", "If-Range": etag} if offset else {}
+        received = 0
+        with self.client.stream("GET", url, headers=headers) as r:
+            if r.status_code == 206:
+                expected = f"bytes {offset}-{size - 1}/{size}"
+                if r.headers.get("content-range") != expected:
+                    raise FetchError(
+                        f"bad Content-Range {r.headers.get('content-range')!r}, "
+                        f"expected {expected!r}"
+                    )
+                mode = "ab"
+            elif r.status_code == 200:
+                offset, mode = 0, "wb"
+            elif r.status_code == 416 and offset:
+                raise _RangeRefused
+            elif r.status_code == 404:
+                raise FetchError(
+                    f"version {manifest.version} not found on {self.base_url}: {_detail_stream(r)}"
+                )
+            elif r.status_code == 503:
+                raise FetchError(
+                    f"the server at {self.base_url} refuses to serve version {manifest.version}: "
+                    f"{_detail_stream(r)}"
+                )
+            else:
+                raise FetchError(f"{self.base_url}{url}: HTTP {r.status_code}: {_detail_stream(r)}")
+            got_etag = r.headers.get("etag")
+            if got_etag is not None and got_etag != etag:
+                raise FetchError(
+                    f"server sent ETag {got_etag} for version {manifest.version}, "
+                    f"but its manifest says {etag}"
+                )
+            with open(part, mode) as f:
+                pos = offset
+                for chunk in r.iter_raw(CHUNK):
+                    if pos + len(chunk) > size:
+                        raise FetchError(
+                            f"server sent more than the {size} bytes of version {manifest.version}"
+                        )
+                    f.write(chunk)
+                    pos += len(chunk)
+                    received += len(chunk)
+                    if self.progress is not None:
+                        self.progress(pos, size)
+                f.flush()
+                os.fsync(f.fileno())
+            if pos != size:
+                raise FetchError(
+                    f"download of version {manifest.version} ended at {pos} of {size} bytes; "
+                    "run again to resume"
+                )
+        return received
+
+
+def _detail_stream(response: httpx.Response) -> str:
+    response.read()
+    return _detail(response)
+
+
+def fetch_model(
+    base_url: str,
+    *,
+    version: int | None = None,
+    alias: str = "serving",
+    cache_dir: Path,
+    timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
+    progress: ProgressFn | None = None,
+    client: httpx.Client | None = None,
+) -> FetchResult:
+    """Fetch a verified global-model version into ``cache_dir``.
+
+    ``version`` picks one exactly; otherwise ``alias`` ("serving" or "latest")
+    is resolved. Raises ``FetchError`` for an unreachable server, an unknown
+    version or alias, or bytes that do not verify (the bad file is deleted). An
+    interrupted transfer leaves ``<sha>.safetensors.incomplete``; the next call
+    resumes it. ``client`` lets a caller reuse a connection pool (its base_url
+    must be ``base_url``).
+    """
+    base_url = base_url.rstrip("/")
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    own = client is None
+    session = client or httpx.Client(base_url=base_url, timeout=timeout, follow_redirects=False)
+    try:
+        fetcher = _Fetcher(session, base_url, cache_dir, progress)
+        manifest = fetcher.manifest(version, alias)
+        return fetcher.fetch(manifest)
+    finally:
+        if own:
+            session.close()
+
+
+def load_fetched_model(result: FetchResult) -> torch.nn.Module:
+    """Build the manifest's model and load the fetched weights (safetensors only).
+
+    The file is hashed again as it is read, so what is loaded is exactly what
+    was verified (not something a later writer put at that path).
+    """
+    from common.models import ModelSpec, build_model
+    from common.weights import from_safetensors, load_arrays, sha256_hex
+
+    blob = Path(result.path).read_bytes()
+    if sha256_hex(blob) != result.sha256:
+        raise FetchError(f"{result.path} changed since it was verified; fetch it again")
+    spec = ModelSpec.model_validate(result.manifest.model)
+    model = build_model(spec)
+    load_arrays(model, from_safetensors(blob), strict=True)
+    model.eval()
+    return model

@@ -1,0 +1,31 @@
+"""Datasets and their split across simulated devices.
+
+``load_dataset`` turns a ``DataConfig`` into one in-memory :class:`Dataset`;
+``build_partition`` decides which samples each device holds (indices only), and
+``save_partition``/``load_partition`` carry that decision from the run setup to the
+Ray workers, which slice their device's arrays with ``device_arrays``. Importing
+this package is cheap: scikit-learn and flwr-datasets load only when needed.
+"""
+
+from .dataset import DataError, Dataset
+from .loaders import load_dataset
+from .partition import (
+    Partition,
+    build_partition,
+    device_arrays,
+    load_partition,
+    partition_stats,
+    save_partition,
+)
+
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Partition",
+    "build_partition",
+    "device_arrays",
+    "load_dataset",
+    "load_partition",
+    "partition_stats",
+    "save_partition",
+]
