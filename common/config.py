@@ -17,7 +17,7 @@ DatasetName = Literal["digits", "npz", "idx", "femnist"]
 PartitionMethod = Literal["iid", "dirichlet", "pathological", "shards", "natural"]
 ModelName = Literal["logistic", "mlp2nn", "cnn"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
-AlgorithmName = Literal["fedavg", "fedper"]
+AlgorithmName = Literal["fedavg", "fedprox", "fedper", "fedrep", "fedbn", "ditto", "apfl"]
 
 
 class ConfigError(ValueError):
@@ -67,6 +67,8 @@ class ModelConfig(_Section):
     name: ModelName = "cnn"
     hidden: int = Field(200, ge=1)
     """Width of the 2NN hidden layers (McMahan et al.: 200)."""
+    batch_norm: bool = False
+    """CNN only: batch-norm after each convolution (needed by FedBN)."""
 
 
 class StrategyConfig(_Section):
@@ -93,6 +95,16 @@ class ClientConfig(_Section):
     lr: float = Field(0.05, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
+    proximal_mu: float = Field(0.01, ge=0.0)
+    """fedprox: strength of the proximal term (mu/2)||w - w_global||^2."""
+    head_epochs: int = Field(1, ge=1)
+    """fedrep: epochs of head-only training before the body is trained."""
+    ditto_lambda: float = Field(0.1, ge=0.0)
+    """ditto: pull of the personal model toward the global one."""
+    apfl_alpha: float = Field(0.5, ge=0.0, le=1.0)
+    """apfl: initial mixing weight of the personal model."""
+    apfl_alpha_lr: float = Field(0.01, ge=0.0)
+    """apfl: learning rate of the mixing weight alpha."""
 
 
 class SimulationConfig(_Section):
@@ -146,6 +158,13 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 "partition.method = 'natural' needs data with writer ids: set "
                 "data.dataset = 'femnist' or choose iid/dirichlet/pathological/shards"
+            )
+        if self.client.algorithm == "fedbn" and not (
+            self.model.name == "cnn" and self.model.batch_norm
+        ):
+            raise ValueError(
+                "client.algorithm = 'fedbn' keeps batch-norm layers on the device, but the "
+                "model has none: set model.name = 'cnn' and model.batch_norm = true"
             )
         if self.strategy.min_train_devices > self.partition.num_devices:
             raise ValueError(

@@ -24,6 +24,7 @@ class ModelSpec(BaseModel):
     """(channels, height, width), e.g. (1, 8, 8) for digits, (1, 28, 28) for MNIST."""
     num_classes: int
     hidden: int = 200
+    batch_norm: bool = False
 
 
 class SplitModel(nn.Module):

@@ -35,6 +35,10 @@ class RoundInstructions(BaseModel):
     momentum: float = Field(0.0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     proximal_mu: float = Field(0.0, ge=0)
+    head_epochs: int = Field(1, ge=1)
+    ditto_lambda: float = Field(0.0, ge=0)
+    apfl_alpha: float = Field(0.5, ge=0, le=1)
+    apfl_alpha_lr: float = Field(0.01, ge=0)
     eval_batch_size: int = Field(512, ge=1)
     torch_threads: int = Field(1, ge=1)
 

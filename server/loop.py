@@ -24,6 +24,7 @@ from common.config import ExperimentConfig
 from common.data import Dataset
 from common.evaluation import evaluate
 from common.models import ModelSpec, build_model, count_parameters
+from common.personalization import shared_keys
 from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RoundInstructions
 from common.records import from_record, to_record
 from common.rundir import METRICS_FILE, TIMINGS_FILE, append_jsonl
@@ -33,8 +34,6 @@ from server.evaluation import device_summary
 from server.strategies import make_strategy, prepare_round
 
 log = logging.getLogger("hybridfl.server")
-
-PERSONAL_PREFIXES = {"fedper": ("head.",)}
 
 
 class RunFailed(RuntimeError):
@@ -48,12 +47,6 @@ class RoundOutcome:
     valid: list[tuple[int, Message]] = field(default_factory=list)
     failed: list[dict[str, object]] = field(default_factory=list)
     rejected: list[dict[str, object]] = field(default_factory=list)
-
-
-def shared_keys(algorithm: str, arrays: Arrays) -> set[str]:
-    """Keys a device sends back under ``algorithm`` (the server's expectation)."""
-    prefixes = PERSONAL_PREFIXES.get(algorithm, ())
-    return {k for k in arrays if not k.startswith(prefixes)} if prefixes else set(arrays)
 
 
 def _nbytes(arrays: Iterable[np.ndarray]) -> int:
@@ -80,6 +73,7 @@ class ServerLoop:
             input_shape=dataset.input_shape,
             num_classes=dataset.num_classes,
             hidden=cfg.model.hidden,
+            batch_norm=cfg.model.batch_norm,
         )
         self.model = build_model(self.spec, seed=derive_seed(cfg.seed, "init"))
         self.global_arrays: Arrays = model_to_arrays(self.model)
@@ -105,6 +99,11 @@ class ServerLoop:
             lr=c.lr,
             momentum=c.momentum,
             weight_decay=c.weight_decay,
+            proximal_mu=c.proximal_mu if c.algorithm == "fedprox" else 0.0,
+            head_epochs=c.head_epochs,
+            ditto_lambda=c.ditto_lambda,
+            apfl_alpha=c.apfl_alpha,
+            apfl_alpha_lr=c.apfl_alpha_lr,
             eval_batch_size=self.cfg.evaluation.batch_size,
             torch_threads=self.cfg.simulation.torch_threads,
         )

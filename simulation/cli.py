@@ -75,12 +75,15 @@ def simulate(
         stats = prepare_run_dir(cfg, run_dir)
     except (DataError, ConfigError) as err:
         _fail(str(err))
-    summ = stats.get("summary", {})
+    s = stats.get("summary", {})
+    p = cfg.partition
     typer.echo(
         f"run folder: {run_dir}\n"
-        f"{cfg.partition.num_devices} devices ({cfg.partition.method} split of {cfg.data.dataset}), "
-        f"model {cfg.model.name}, strategy {cfg.strategy.name}, algorithm {cfg.client.algorithm}, "
-        f"{cfg.rounds} rounds; samples per device {summ}"
+        f"{p.num_devices} devices ({p.method} split of {cfg.data.dataset}; train samples per "
+        f"device min {s.get('min_train')} / median {s.get('median_train')} / max "
+        f"{s.get('max_train')}, {s.get('mean_classes_per_device', 0):.1f} classes on average)\n"
+        f"model {cfg.model.name}, strategy {cfg.strategy.name}, algorithm "
+        f"{cfg.client.algorithm}, {cfg.rounds} rounds"
     )
 
     def on_round(row: dict[str, object], timing: dict[str, object]) -> None:

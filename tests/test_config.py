@@ -81,7 +81,7 @@ def test_bad_override_syntax(bad: str) -> None:
 
 
 def test_override_of_unknown_key_fails() -> None:
-    with pytest.raises(ConfigError, match="client.lrr: unknown key"):
+    with pytest.raises(ConfigError, match=r"client\.lrr: unknown key"):
         load_config(None, ["client.lrr=0.1"])
 
 

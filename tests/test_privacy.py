@@ -51,9 +51,12 @@ def _call(run_dir: Path, algorithm: str, kind: str, device: int) -> tuple[Messag
     instr = RoundInstructions(
         round=1, seed=0, algorithm=algorithm, model_spec=spec.model_dump_json()
     )
-    content = RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: ConfigRecord(instr.to_flat())})
+    config = ConfigRecord(instr.to_flat())
+    content = RecordDict({ARRAYS_KEY: to_record(arrays), CONFIG_KEY: config})
     msg = Message(content, dst_node_id=100 + device, message_type=kind)
-    ctx = Context(1, 100 + device, {"partition-id": device}, RecordDict(), {"run-dir": str(run_dir)})
+    ctx = Context(
+        1, 100 + device, {"partition-id": device}, RecordDict(), {"run-dir": str(run_dir)}
+    )
     return app(msg, ctx), arrays
 
 
@@ -74,7 +77,8 @@ def test_train_reply_holds_only_weights_and_scalars(run_dir: Path, algorithm: st
     for key, value in c[METRICS_KEY].items():
         assert isinstance(value, (int, float)), key
 
-    data = device_data(device_env(Context(1, 1, {"partition-id": 1}, RecordDict(), {"run-dir": str(run_dir)})))
+    ctx = Context(1, 1, {"partition-id": 1}, RecordDict(), {"run-dir": str(run_dir)})
+    data = device_data(device_env(ctx))
     wire = recorddict_to_proto(c).SerializeToString()
     for i in range(min(5, data.x_train.shape[0])):
         sample = data.x_train[i].numpy().tobytes()

@@ -51,7 +51,9 @@ def _assert_no_leftovers(run_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def first_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def first_run(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     out = tmp_path_factory.mktemp("sim") / "run"
     return out, _simulate(out)
 
@@ -100,7 +102,8 @@ def test_same_seed_same_metrics(first_run, tmp_path: Path) -> None:  # type: ign
     assert proc.returncode == 0
     again = _simulate(tmp_path / "again")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert (tmp_path / "again" / "metrics.jsonl").read_bytes() == (run_dir / "metrics.jsonl").read_bytes()
+    first = (run_dir / "metrics.jsonl").read_bytes()
+    assert (tmp_path / "again" / "metrics.jsonl").read_bytes() == first
     a = (run_dir / "final_model.json").read_text()
     b = (tmp_path / "again" / "final_model.json").read_text()
     assert json.loads(a)["sha256"] == json.loads(b)["sha256"]
@@ -148,11 +151,13 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     [
         (["--set", "client.lrr=0.1"], "client.lrr: unknown key"),
         (["--set", "partition.alpha=0"], "partition.alpha"),
-        (["--set", 'data.dataset="npz"', "--set", 'data.path="/nonexistent/x.npz"'], "/nonexistent/x.npz"),
+        (["--set", 'data.dataset="npz"', "--set", 'data.path="/no/x.npz"'], "/no/x.npz"),
         (["--set", "partition.num_devices=100000"], "partition.num_devices"),
     ],
 )
-def test_bad_input_fails_fast_without_traceback(tmp_path: Path, args: list[str], expected: str) -> None:
+def test_bad_input_fails_fast_without_traceback(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
     proc = subprocess.run(
         [*HYBRIDFL, "simulate", "--out", str(tmp_path / "r"), *args],
         capture_output=True,

@@ -17,6 +17,7 @@ from torch import nn
 
 from client.algorithms.loop import DeviceData, make_optimizer, proximal_term, train_epochs
 from client.state import PersonalState
+from common.personalization import personal_keys
 from common.protocol import RoundInstructions
 from common.weights import Arrays, load_arrays, model_to_arrays
 
@@ -39,7 +40,7 @@ class Algorithm:
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         """State-dict keys that stay on the device and are never sent."""
-        return set()
+        return personal_keys(self.name, model.state_dict())
 
     def shared_keys(self, model: nn.Module) -> set[str]:
         return set(model.state_dict()) - self.personal_keys(model)

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import nn
-
 from client.algorithms.base import Algorithm
 
 
 class FedPer(Algorithm):
+    # What is personal (the ``head.*`` keys) is decided in common.personalization,
+    # shared with the server, so the server knows which keys to expect back.
     name: ClassVar[str] = "fedper"
-
-    def personal_keys(self, model: nn.Module) -> set[str]:
-        return {k for k in model.state_dict() if k.startswith("head.")}
