@@ -166,6 +166,12 @@ class ExperimentConfig(_Section):
                 "client.algorithm = 'fedbn' keeps batch-norm layers on the device, but the "
                 "model has none: set model.name = 'cnn' and model.batch_norm = true"
             )
+        if self.client.algorithm in ("fedper", "fedrep") and self.model.name == "logistic":
+            raise ValueError(
+                f"client.algorithm = '{self.client.algorithm}' keeps the head on the device, "
+                "and the logistic model is all head (nothing would be shared): set "
+                "model.name = 'mlp2nn' or 'cnn'"
+            )
         if self.strategy.min_train_devices > self.partition.num_devices:
             raise ValueError(
                 f"strategy.min_train_devices ({self.strategy.min_train_devices}) is "

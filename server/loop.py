@@ -210,11 +210,15 @@ class ServerLoop:
         )
         if agg_arrays is None:
             raise RunFailed(f"round {round_}: the strategy produced no aggregate")
-        new = from_record(agg_arrays)
+        # Server optimisers (FedAdam) compute in float64: cast back before checking.
+        new = {
+            k: v.astype(self.expected[k].dtype) if k in self.expected else v
+            for k, v in from_record(agg_arrays).items()
+        }
         bad = validate_update(new, self.expected, required=self.shared)
         if bad is not None:
             raise RunFailed(f"round {round_}: aggregated model is invalid ({bad})")
-        self.global_arrays.update({k: v.astype(self.expected[k].dtype) for k, v in new.items()})
+        self.global_arrays.update(new)
         up = sum(_nbytes(from_record(m.content[ARRAYS_KEY]).values()) for _, m in outcome.valid)
         stats = {
             "train_loss": float(agg_metrics.get("train-loss", float("nan")))

@@ -63,6 +63,10 @@ def test_file_dataset_needs_path() -> None:
     assert "--set data.path=" in msg
 
 
+def test_head_personal_algorithms_need_a_body() -> None:
+    _err({"client": {"algorithm": "fedper"}, "model": {"name": "logistic"}}, "all head")
+
+
 def test_natural_needs_writers() -> None:
     _err({"partition": {"method": "natural"}}, "femnist")
 
