@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model"]
 
 API = "/v1/models/global"
+_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
 
@@ -311,6 +313,8 @@ def fetch_model(
     must be ``base_url``).
     """
     base_url = base_url.rstrip("/")
+    if not _ALIAS.fullmatch(alias):  # it goes into a URL path: no "../" tricks
+        raise FetchError(f"invalid alias {alias!r}: use letters, digits, '-' or '_'")
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     own = client is None

@@ -60,16 +60,22 @@ def _cnn(spec: ModelSpec) -> SplitModel:
     """McMahan et al.'s CNN: 5x5 conv 32 -> pool -> 5x5 conv 64 -> pool -> FC 512.
 
     On 8x8 inputs the same layers are used with 'same' padding, so two 2x2 pools
-    leave a 2x2 map (the 28x28 version leaves 7x7, as in the paper).
+    leave a 2x2 map (the 28x28 version leaves 7x7, as in the paper). With
+    ``spec.batch_norm`` a BatchNorm2d follows each convolution inside ``body`` (keys
+    like ``body.1.running_mean``): the layers FedBN keeps on the device. Without it
+    the layers, names and parameter count are exactly McMahan et al.'s.
     """
     c, h, w = spec.input_shape
+
+    def conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+        layers: list[nn.Module] = [nn.Conv2d(c_in, c_out, kernel_size=5, padding=2)]
+        if spec.batch_norm:
+            layers.append(nn.BatchNorm2d(c_out))
+        return [*layers, nn.ReLU(), nn.MaxPool2d(2)]
+
     body = nn.Sequential(
-        nn.Conv2d(c, 32, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, kernel_size=5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
+        *conv_block(c, 32),
+        *conv_block(32, 64),
         nn.Flatten(),
         nn.Linear(64 * (h // 4) * (w // 4), 512),
         nn.ReLU(),

@@ -22,12 +22,20 @@ from pathlib import Path
 import httpx
 
 from common.config import ExperimentConfig
-from common.rundir import FAILURE_FILE, LOG_DIR, METRICS_FILE, TIMINGS_FILE, read_jsonl
+from common.rundir import (
+    FAILURE_FILE,
+    LOG_DIR,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+    read_jsonl,
+)
 from simulation.procs import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("common", "client", "server", "simulation")
 CONNECTION = "hybridfl"
+STATUS_POLL_S = 10.0
 
 
 class RunnerError(RuntimeError):
@@ -249,8 +257,12 @@ def simulate(
                 raise RunnerError(
                     f"SuperLink exited unexpectedly (code {link.returncode}); see {link_log}"
                 )
+            # The ServerApp writes summary.json or failure.json as it ends; until then
+            # ask the SuperLink rarely (each `flwr ls` costs ~1 s of CPU that the
+            # devices would otherwise use), in case the ServerApp died without a word.
+            ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
             now = time.monotonic()
-            if now - last_check > 2.0:
+            if now - last_check > (1.0 if ended else STATUS_POLL_S):
                 last_check = now
                 status = run_status(run_id, env)
                 if status.startswith("finished"):

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
+import pytest
 import torch
 
 from client.algorithms import ALGORITHMS, get_algorithm
 from client.algorithms.loop import DeviceData, proximal_term
 from common.models import ModelSpec, build_model
+from common.personalization import shared_keys
 from common.protocol import RoundInstructions
 from common.weights import model_to_arrays
 
 SPEC = ModelSpec(name="mlp2nn", input_shape=(1, 8, 8), num_classes=10, hidden=16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread, as a device's ClientApp runs (threads only contend here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _data(seed: int = 0, n: int = 40) -> DeviceData:
@@ -21,9 +34,9 @@ def _data(seed: int = 0, n: int = 40) -> DeviceData:
     return DeviceData(x, y, x[:10], y[:10])
 
 
-def _instr(algorithm: str, **kw: float) -> RoundInstructions:
+def _instr(algorithm: str, spec: ModelSpec = SPEC, **kw: float) -> RoundInstructions:
     return RoundInstructions(
-        round=1, seed=0, algorithm=algorithm, model_spec=SPEC.model_dump_json(), lr=0.1, **kw
+        round=1, seed=0, algorithm=algorithm, model_spec=spec.model_dump_json(), lr=0.1, **kw
     )
 
 
@@ -105,3 +118,73 @@ def test_proximal_term_keeps_update_near_global() -> None:
         return sum(float(np.sum((upd.shared[k] - g[k]) ** 2)) for k in g)
 
     assert drift(10.0) < drift(0.0)
+
+
+def test_registry_matches_the_config_schema() -> None:
+    from typing import get_args
+
+    from common.config import AlgorithmName
+
+    assert set(ALGORITHMS) == set(get_args(AlgorithmName))
+    for name, cls in ALGORITHMS.items():
+        assert cls.name == name and cls.__module__ == f"client.algorithms.{name}"
+
+
+BN_SPEC = ModelSpec(name="cnn", input_shape=(1, 8, 8), num_classes=10, batch_norm=True)
+
+
+@pytest.mark.parametrize("spec", [SPEC, BN_SPEC], ids=["mlp", "cnn-bn"])
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_device_and_server_agree_on_shared_keys(name: str, spec: ModelSpec) -> None:
+    """The server validates updates against common.personalization: the device must match."""
+    model = build_model(spec, seed=0)
+    algo = get_algorithm(name)
+    keys = model.state_dict()
+    assert algo.shared_keys(model) == shared_keys(name, keys)
+    assert algo.personal_keys(model) == set(keys) - shared_keys(name, keys)
+    upd = algo.client_update(
+        model,
+        model_to_arrays(model),
+        None,
+        _data(),
+        _instr(name, spec),
+        torch.Generator().manual_seed(0),
+    )
+    assert set(upd.shared) == shared_keys(name, keys)
+
+
+def test_fedprox_update_carries_mu_times_the_distance() -> None:
+    """Two full-batch SGD steps: the proximal term adds exactly lr*mu*(w1 - w_global) at step 2.
+
+    Step 1 starts at the global model (zero distance); after it the only difference
+    between mu > 0 and mu = 0 is the proximal gradient mu*(w1 - w_global).
+    """
+    model = build_model(SPEC, seed=0)
+    g = model_to_arrays(model)
+    data, lr, mu = _data(n=20), 0.1, 0.7
+
+    def update(epochs: int, mu: float) -> dict[str, np.ndarray]:
+        instr = _instr("fedprox", proximal_mu=mu, local_epochs=epochs, batch_size=20)
+        gen = torch.Generator().manual_seed(3)
+        return get_algorithm("fedprox").client_update(model, g, None, data, instr, gen).shared
+
+    w1, w2_plain, w2_prox = update(1, 0.0), update(2, 0.0), update(2, mu)
+    assert w1.keys() == g.keys()
+    for k in g:
+        np.testing.assert_allclose(
+            w2_plain[k] - w2_prox[k], lr * mu * (w1[k] - g[k]), rtol=1e-4, atol=1e-6
+        )
+    assert any(np.abs(w1[k] - g[k]).max() > 1e-3 for k in g)
+
+
+def test_fedprox_without_mu_is_fedavg() -> None:
+    model = build_model(SPEC, seed=0)
+    g = model_to_arrays(model)
+    a, b = (
+        get_algorithm(n).client_update(
+            model, g, None, _data(), _instr(n), torch.Generator().manual_seed(2)
+        )
+        for n in ("fedavg", "fedprox")
+    )
+    for k in g:
+        np.testing.assert_array_equal(a.shared[k], b.shared[k])

@@ -2,16 +2,25 @@
 
 To add one: subclass ``Algorithm`` in a new module, override the hooks that
 differ (what is personal, the loss term, the personalized model), and register
-it in ``ALGORITHMS`` below (and in ``common.config.AlgorithmName``).
+it in ``ALGORITHMS`` below (and in ``common.config.AlgorithmName``). To train only
+part of the model, pass ``keys=`` to ``Algorithm.local_train``; for a batch
+objective over several models, ``train_epochs(batch_loss=..., after_step=...)``.
 """
 
 from __future__ import annotations
 
+from client.algorithms.apfl import APFL
 from client.algorithms.base import Algorithm, ClientUpdate
+from client.algorithms.ditto import Ditto
 from client.algorithms.fedavg import FedAvg
+from client.algorithms.fedbn import FedBN
 from client.algorithms.fedper import FedPer
+from client.algorithms.fedprox import FedProx
+from client.algorithms.fedrep import FedRep
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedPer)}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, FedPer, FedRep, FedBN, Ditto, APFL)
+}
 
 
 def get_algorithm(name: str) -> Algorithm:

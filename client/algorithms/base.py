@@ -8,6 +8,7 @@ ClientApp's job, so an algorithm is a small module that is easy to test alone.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -15,7 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from client.algorithms.loop import DeviceData, make_optimizer, proximal_term, train_epochs
+from client.algorithms.loop import (
+    DeviceData,
+    ExtraLoss,
+    make_optimizer,
+    proximal_term,
+    train_epochs,
+    trainable_only,
+)
 from client.state import PersonalState
 from common.personalization import personal_keys
 from common.protocol import RoundInstructions
@@ -72,27 +80,55 @@ class Algorithm:
         generator: torch.Generator,
     ) -> ClientUpdate:
         self.start_from(model, global_arrays, state)
-        extra = None
-        if instr.proximal_mu > 0:
-            ref = {k: torch.from_numpy(np.asarray(v)) for k, v in global_arrays.items()}
-            extra = proximal_term(ref, instr.proximal_mu)
-        opt = make_optimizer(model.parameters(), instr.lr, instr.momentum, instr.weight_decay)
-        loss, steps = train_epochs(
-            model,
-            data.x_train,
-            data.y_train,
-            epochs=instr.local_epochs,
-            batch_size=instr.batch_size,
-            optimizer=opt,
-            generator=generator,
-            extra_loss=extra,
-        )
+        extra = proximal_loss(global_arrays, instr.proximal_mu)
+        loss, steps = self.local_train(model, data, instr, generator, extra_loss=extra)
         shared = model_to_arrays(model, self.shared_keys(model))
         new_state = self.new_state(model, state)
         return ClientUpdate(shared, new_state, {"train_loss": loss, "steps": float(steps)})
+
+    def local_train(
+        self,
+        model: nn.Module,
+        data: DeviceData,
+        instr: RoundInstructions,
+        generator: torch.Generator,
+        *,
+        epochs: int | None = None,
+        keys: Collection[str] | None = None,
+        extra_loss: ExtraLoss | None = None,
+    ) -> tuple[float, int]:
+        """Train ``model`` in place with the round's optimiser; return (mean loss, steps).
+
+        ``epochs`` defaults to ``instr.local_epochs``; with ``keys`` only the
+        parameters named there are trained (the rest frozen for the call), so a
+        method that trains parts of the model in phases reuses the one loop.
+        """
+        names = keys if keys is not None else [n for n, _ in model.named_parameters()]
+        with trainable_only(model, names) as params:
+            opt = make_optimizer(params, instr.lr, instr.momentum, instr.weight_decay)
+            return train_epochs(
+                model,
+                data.x_train,
+                data.y_train,
+                epochs=instr.local_epochs if epochs is None else epochs,
+                batch_size=instr.batch_size,
+                optimizer=opt,
+                generator=generator,
+                extra_loss=extra_loss,
+            )
 
     def new_state(self, model: nn.Module, old: PersonalState | None) -> PersonalState:
         """What to keep on disk after training (default: the personal keys)."""
         meta = dict(old.meta) if old else {}
         meta["rounds_trained"] = int(meta.get("rounds_trained", 0)) + 1
         return PersonalState(model_to_arrays(model, self.personal_keys(model)), meta)
+
+
+def as_tensors(arrays: Arrays) -> dict[str, torch.Tensor]:
+    """Read-only torch views of numpy arrays (e.g. the received global model)."""
+    return {k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()}
+
+
+def proximal_loss(reference: Arrays, mu: float) -> ExtraLoss | None:
+    """(mu/2)||w - reference||^2 as an extra loss, or None when ``mu`` is 0."""
+    return proximal_term(as_tensors(reference), mu) if mu > 0 else None

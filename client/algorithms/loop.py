@@ -8,7 +8,8 @@ whole epoch, and the seeded permutation makes each device's run reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,26 @@ class DeviceData:
     y_test: torch.Tensor
 
 
-__all__ = ["DeviceData", "evaluate", "make_optimizer", "proximal_term", "train_epochs"]
+__all__ = [
+    "BatchLoss",
+    "DeviceData",
+    "ExtraLoss",
+    "cross_entropy_loss",
+    "evaluate",
+    "make_optimizer",
+    "proximal_term",
+    "train_epochs",
+    "trainable_only",
+]
 
 ExtraLoss = Callable[[nn.Module], torch.Tensor]
+"""A term added to every batch's loss that depends on the model only (e.g. proximal)."""
+BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""The loss of one batch ``(model, x, y)``; the default is cross-entropy of ``model(x)``."""
+
+
+def cross_entropy_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x), y)
 
 
 def make_optimizer(
@@ -49,8 +67,16 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     generator: torch.Generator,
     extra_loss: ExtraLoss | None = None,
+    batch_loss: BatchLoss | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
-    """Run ``epochs`` passes of minibatch SGD; return (mean loss, steps taken)."""
+    """Run ``epochs`` passes of minibatch SGD; return (mean loss, steps taken).
+
+    ``batch_loss`` replaces the cross-entropy of ``model(x)`` for methods whose batch
+    objective involves more than one model (APFL); ``after_step`` runs after every
+    optimiser step (e.g. a projection such as clipping APFL's alpha to [0, 1]).
+    """
+    loss_of = batch_loss if batch_loss is not None else cross_entropy_loss
     model.train()
     n = x.shape[0]
     total, steps = 0.0, 0
@@ -59,11 +85,13 @@ def train_epochs(
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x[idx]), y[idx])
+            loss = loss_of(model, x[idx], y[idx])
             if extra_loss is not None:
                 loss = loss + extra_loss(model)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step()
             total += float(loss.detach())
             steps += 1
     return total / max(steps, 1), steps
@@ -81,3 +109,28 @@ def proximal_term(reference: dict[str, torch.Tensor], mu: float) -> ExtraLoss:
         return 0.5 * mu * acc
 
     return term
+
+
+@contextmanager
+def trainable_only(model: nn.Module, names: Collection[str]) -> Iterator[list[nn.Parameter]]:
+    """Freeze every parameter not named in ``names`` for the block; yield the trainable ones.
+
+    Why: methods that train one part of the model at a time (FedRep's head phase,
+    then body phase) build their optimiser over the yielded parameters only, so
+    momentum and weight decay never touch the frozen part, and frozen parameters
+    get no gradient. Gradients still flow *through* frozen layers to trainable ones.
+    Buffers (batch-norm running statistics) are not parameters and still follow
+    the data in train mode. ``requires_grad`` is restored on exit, even on error.
+    """
+    wanted = set(names)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    chosen = [p for name, p in model.named_parameters() if name in wanted and before[name]]
+    if not chosen:
+        raise ValueError(f"no trainable parameter of the model is named in {sorted(wanted)[:3]}")
+    try:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in wanted and before[name])
+        yield chosen
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(before[name])

@@ -1,0 +1,20 @@
+"""FedProx (Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020,
+arXiv:1812.06127): FedAvg with a proximal term on the device.
+
+Each device minimises ``F_k(w) + (mu/2)||w - w_global||^2``: the term keeps a
+device's update near the served model when devices' data (and amount of local
+work) differ, which is what makes FedAvg drift. ``mu`` is ``instr.proximal_mu``;
+the server sends it only for this algorithm (from ``client.proximal_mu``). The base
+loop already adds the term whenever ``mu > 0``, so FedProx is FedAvg under another
+name; the personalized model is the device's locally trained copy, as for FedAvg.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from client.algorithms.fedavg import FedAvg
+
+
+class FedProx(FedAvg):
+    name: ClassVar[str] = "fedprox"
