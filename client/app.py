@@ -11,12 +11,11 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.algorithms import get_algorithm
-from client.algorithms.loop import evaluate
+from client.evaluation import evaluate_models
 from client.runtime import device_data, device_env, device_store, model_for, set_threads
 from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RoundInstructions
 from common.records import from_record, to_record
 from common.seeding import torch_generator
-from common.weights import load_arrays
 
 app = ClientApp()
 
@@ -69,7 +68,11 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_device(msg: Message, context: Context) -> Message:
-    """Global and personalized model on the device's own test split."""
+    """Served global, personalized and fine-tuned global model on the device's test split.
+
+    Reads the personal state, never writes it: evaluation must not change training.
+    The fine-tune's randomness comes from (seed, "eval", round, device) alone.
+    """
     instr = _instructions(msg)
     set_threads(instr.torch_threads)
     env = device_env(context)
@@ -77,20 +80,14 @@ def evaluate_device(msg: Message, context: Context) -> Message:
     algo = get_algorithm(instr.algorithm)
     model = model_for(instr.model_spec)
     global_arrays = from_record(msg.content[ARRAYS_KEY])
-    load_arrays(model, global_arrays)
-    g_loss, g_acc = evaluate(model, data.x_test, data.y_test, instr.eval_batch_size)
     state = device_store(env).load(env.device_id)
-    algo.load_personalized(model, global_arrays, state)
-    p_loss, p_acc = evaluate(model, data.x_test, data.y_test, instr.eval_batch_size)
-    metrics = MetricRecord(
-        {
-            "num-examples": int(data.y_test.shape[0]),
-            "device-id": env.device_id,
-            "global-acc": g_acc,
-            "global-loss": g_loss,
-            "personal-acc": p_acc,
-            "personal-loss": p_loss,
-            "has-personal": int(state is not None),
-        }
-    )
-    return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
+    gen = torch_generator(instr.seed, "eval", instr.round, env.device_id)
+    results = evaluate_models(model, algo, global_arrays, state, data, instr, gen)
+    metrics = {
+        **results,
+        "num-examples": int(data.y_test.shape[0]),
+        "num-train": int(data.y_train.shape[0]),
+        "device-id": env.device_id,
+        "has-personal": int(state is not None),
+    }
+    return Message(RecordDict({METRICS_KEY: MetricRecord(metrics)}), reply_to=msg)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from common.atomic import fsync_dir
 from common.manifest import VersionManifest, is_sha256_hex
 
 if TYPE_CHECKING:
@@ -67,14 +68,6 @@ def _hash_file(path: Path) -> str:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -213,7 +206,7 @@ class _Fetcher:
                 "run again to resume"
             ) from exc
         os.replace(part, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return received
 
     def _transfer(self, url: str, manifest: VersionManifest, part: Path) -> int:

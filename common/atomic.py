@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+TMP_PREFIX = ".tmp-"
+"""Temp files start with this (hidden, never matching a real file's glob)."""
 
 
 def fsync_dir(path: Path) -> None:
@@ -16,20 +20,25 @@ def fsync_dir(path: Path) -> None:
         os.close(dir_fd)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(
+    path: Path, data: bytes, before_rename: Callable[[], None] | None = None
+) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file whole.
 
     Temp file in the same folder (so the rename cannot cross filesystems), fsync,
     rename, fsync the folder. A crash at any point leaves the old file intact and
-    at most a hidden ``.tmp`` file behind.
+    at most a hidden ``.tmp-*`` file behind. ``before_rename`` runs once the temp
+    file is durable but not yet visible (crash-injection tests hook in there).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

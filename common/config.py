@@ -123,11 +123,34 @@ class SimulationConfig(_Section):
 
 
 class EvaluationConfig(_Section):
-    """When and where models are evaluated."""
+    """When, where and how models are evaluated.
+
+    Every evaluated device measures three models on the same test examples: the
+    served global model, its personalized model, and the global model fine-tuned for
+    ``finetune_steps`` steps on its own training split (what a brand-new user would
+    get). Held-out devices never train, so they measure how the served model and a
+    quick fine-tune do for users the federation has never seen.
+    """
 
     every: int = Field(1, ge=1)
     """Evaluate every k rounds (the last round is always evaluated)."""
     batch_size: int = Field(512, ge=1)
+    devices: Literal["participants", "all"] = "all"
+    """Which training devices are evaluated: ``participants`` (those that trained this
+    round) or ``all``; held-out devices are always evaluated."""
+    finetune_steps: int = Field(5, ge=0)
+    """Minibatch SGD steps of the fine-tuned model (batch size = client.batch_size);
+    0 skips fine-tuning (no finetuned accuracy is reported)."""
+    finetune_lr: float = Field(0.0, ge=0.0)
+    """Learning rate of the fine-tune; 0 uses client.lr."""
+    holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    """Share of devices held out: never sampled for training, evaluated every time."""
+
+    def num_holdout(self, num_devices: int) -> int:
+        """How many of ``num_devices`` are held out (at least one when the fraction is > 0)."""
+        if self.holdout_fraction <= 0.0:
+            return 0
+        return max(1, round(self.holdout_fraction * num_devices))
 
 
 class OutputConfig(_Section):
@@ -177,6 +200,15 @@ class ExperimentConfig(_Section):
                 f"strategy.min_train_devices ({self.strategy.min_train_devices}) is "
                 f"larger than partition.num_devices ({self.partition.num_devices}): "
                 "lower it or add devices"
+            )
+        held = self.evaluation.num_holdout(self.partition.num_devices)
+        if self.partition.num_devices - held < self.strategy.min_train_devices:
+            raise ValueError(
+                f"evaluation.holdout_fraction ({self.evaluation.holdout_fraction}) holds out "
+                f"{held} of partition.num_devices ({self.partition.num_devices}) devices, "
+                f"leaving {self.partition.num_devices - held} to train, fewer than "
+                f"strategy.min_train_devices ({self.strategy.min_train_devices}): lower "
+                "evaluation.holdout_fraction or strategy.min_train_devices, or add devices"
             )
         return self
 

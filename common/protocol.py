@@ -40,6 +40,10 @@ class RoundInstructions(BaseModel):
     apfl_alpha: float = Field(0.5, ge=0, le=1)
     apfl_alpha_lr: float = Field(0.01, ge=0)
     eval_batch_size: int = Field(512, ge=1)
+    finetune_steps: int = Field(0, ge=0)
+    """Evaluation: SGD steps of the fine-tuned global model (0: no fine-tune)."""
+    finetune_lr: float = Field(0.0, ge=0)
+    """Evaluation: fine-tune learning rate; 0 uses ``lr``."""
     torch_threads: int = Field(1, ge=1)
 
     @property

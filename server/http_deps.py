@@ -9,12 +9,16 @@ from __future__ import annotations
 import hmac
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from server.registry import Registry
+
+if TYPE_CHECKING:  # the routers import this module: no runtime import back
+    from server.http_models import BlobCache
+    from server.http_rounds import RoundsLog
 
 TOKEN_ENV = "HYBRIDFL_TOKEN"
 MIN_TOKEN_LENGTH = 16
@@ -48,8 +52,8 @@ class Settings:
     run_dir: Path
     registry: Registry
     token: str | None
-    blobs: object  # http_models.BlobCache (typed loosely to avoid an import cycle)
-    rounds: object  # http_rounds.RoundsLog
+    blobs: BlobCache
+    rounds: RoundsLog
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     max_body_bytes: int = 4096
 

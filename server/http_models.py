@@ -22,7 +22,7 @@ import anyio
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from starlette.datastructures import Headers
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -84,13 +84,23 @@ class AliasInfo(BaseModel):
     manifest: VersionManifest
 
 
+def _json_integer(value: Any) -> Any:
+    """JSON-Schema integers: 3 and 3.0 yes; true, "3" no (pydantic's lax mode takes them)."""
+    if isinstance(value, bool | str | bytes):
+        raise ValueError("must be a JSON integer")
+    return value
+
+
 class AliasUpdate(BaseModel):
-    """Body of ``PUT /aliases/{alias}``: where the alias should point."""
+    """Body of ``PUT /aliases/{alias}``: where the alias should point.
+
+    ``{"version": false}`` or ``"1"`` must not silently become version 0 or 1.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=0, le=MAX_VERSION)
-    pinned: bool = Field(
+    version: Annotated[int, BeforeValidator(_json_integer)] = Field(ge=0, le=MAX_VERSION)
+    pinned: StrictBool = Field(
         default=True,
         description="Keep 'serving' here when new versions are published "
         "(false: follow 'latest' again from the next publish).",
@@ -266,6 +276,12 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     return start, min(end, size - 1) + 1
 
 
+def _missing(registry: Registry, version: int) -> str:
+    numbers = registry.version_numbers()
+    hint = f"versions are 0..{numbers[-1]}" if numbers else "nothing is published yet"
+    return f"version {version} does not exist ({hint})"
+
+
 def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """Same body shape as FastAPI's HTTPException responses."""
     return JSONResponse({"detail": detail}, status_code=status, headers=headers)
@@ -283,9 +299,7 @@ async def weights_response(
     try:
         manifest = registry.get(version)
     except VersionNotFound:
-        numbers = registry.version_numbers()
-        hint = f"versions are 0..{numbers[-1]}" if numbers else "nothing is published yet"
-        return _error(404, f"version {version} does not exist ({hint})")
+        return _error(404, _missing(registry, version))
     etag = f'"{manifest.sha256}"'
     headers = {
         "etag": etag,
@@ -297,7 +311,7 @@ async def weights_response(
     if inm is not None and etag_matches(inm, etag):
         return Response(status_code=304, headers=headers)
     try:
-        source = await settings.blobs.source(manifest)  # type: ignore[attr-defined]
+        source = await settings.blobs.source(manifest)
     except NotVerified as exc:
         log.error("refusing to serve: %s", exc)
         return _error(503, f"version {version} failed verification and is not served: {exc}")
@@ -360,9 +374,7 @@ def _manifest_or_404(registry: Registry, version: int) -> VersionManifest:
     try:
         return registry.get(version)
     except VersionNotFound:
-        numbers = registry.version_numbers()
-        hint = f"versions are 0..{numbers[-1]}" if numbers else "nothing is published yet"
-        raise HTTPException(404, detail=f"version {version} does not exist ({hint})") from None
+        raise HTTPException(404, detail=_missing(registry, version)) from None
 
 
 def _alias_or_404(registry: Registry, alias: str) -> tuple[Any, VersionManifest]:

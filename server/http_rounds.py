@@ -85,7 +85,7 @@ def list_rounds(
     offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
 ) -> RoundPage:
-    rows = settings.rounds.rows()  # type: ignore[attr-defined]
+    rows = settings.rounds.rows()
     return RoundPage(
         items=rows[offset : offset + limit], total=len(rows), offset=offset, limit=limit
     )
@@ -100,7 +100,7 @@ def list_rounds(
 def get_round(
     round: Annotated[int, PathParam(ge=0, le=2**31 - 1)], settings: SettingsDep
 ) -> dict[str, Any]:
-    row = settings.rounds.get(round)  # type: ignore[attr-defined]
+    row = settings.rounds.get(round)
     if row is None:
         raise HTTPException(404, detail=f"no metrics for round {round} yet")
     return row

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.atomic import TMP_PREFIX, atomic_write_bytes
 from common.manifest import VersionManifest
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ ALIASES: tuple[str, ...] = ("latest", "serving")
 """The only alias names: file names are never built from request strings."""
 
 _VERSION_FILE = re.compile(r"^(0|[1-9][0-9]*)\.json$")
-_TMP_PREFIX = ".tmp-"
+_TMP_PREFIX = TMP_PREFIX
 _READ_CHUNK = 1 << 20
 
 
@@ -102,35 +103,11 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_atomic(path: Path, data: bytes, stage: str | None = None) -> None:
-    """Temp file in the same folder, fsync, rename, fsync the folder.
-
-    ``stage`` names the checkpoint reached once the temp file is durable but not
-    yet visible (the point a crash test kills the process at).
-    """
-    # Hidden and not ending in the real suffix: no glob for "*.safetensors" sees it.
-    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{os.getpid()}.{os.urandom(4).hex()}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if stage is not None:
-            _checkpoint(stage)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
+    """``common.atomic`` write; ``stage`` names the crash-test checkpoint reached once
+    the temp file is durable but not yet visible."""
+    hook = (lambda: _checkpoint(stage)) if stage is not None else None
+    atomic_write_bytes(path, data, before_rename=hook)
 
 
 def _stat_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
