@@ -158,6 +158,9 @@ class OutputConfig(_Section):
 
     root: str = "runs"
     plot: bool = True
+    publish_every: int = Field(1, ge=1)
+    """Publish every k-th global version to the run's model registry (version 0 and
+    the last round always); each version of a large model costs its size on disk."""
 
 
 class ExperimentConfig(_Section):

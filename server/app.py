@@ -10,6 +10,7 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.config import default_config_path, load_config
 from common.data import load_dataset
+from common.models import ModelSpec
 from common.rundir import (
     CONFIG_FILE,
     FAILURE_FILE,
@@ -29,8 +31,9 @@ from common.rundir import (
     prepare_run_dir,
     read_jsonl,
 )
-from common.weights import sha256_hex, to_safetensors
+from common.weights import Arrays, sha256_hex, to_safetensors
 from server.loop import ServerLoop, manifest
+from server.registry import Registry
 from server.summary import summarize
 
 log = logging.getLogger("hybridfl.server")
@@ -62,6 +65,27 @@ def save_final_model(loop: ServerLoop, run_dir: Path) -> str:
     return digest
 
 
+REGISTRY_DIR = "registry"
+
+
+def registry_publisher(
+    run_dir: Path, spec: ModelSpec, rounds: int, every: int
+) -> Callable[[int, Arrays, dict[str, float]], None]:
+    """Publish version 0 (the initial model) and each k-th round's aggregate.
+
+    Every version becomes the initial model of devices fetching ``serving`` over
+    HTTP, live while the run trains. The last round is always published.
+    """
+    registry = Registry(run_dir / REGISTRY_DIR)
+
+    def publish(round_: int, arrays: Arrays, metrics: dict[str, float]) -> None:
+        if round_ % every and round_ not in (0, rounds):
+            return
+        registry.publish(arrays, round=round_, model=spec, metrics=metrics)
+
+    return publish
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run_dir = resolve_run_dir(dict(context.run_config))
@@ -71,6 +95,9 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(run_dir / CONFIG_FILE)
         dataset = load_dataset(cfg.data)
         loop = ServerLoop(grid, cfg, run_dir, dataset)
+        loop.on_version = registry_publisher(
+            run_dir, loop.spec, cfg.rounds, cfg.output.publish_every
+        )
         loop.run()
         digest = save_final_model(loop, run_dir)
         summary = summarize(read_jsonl(run_dir / METRICS_FILE))

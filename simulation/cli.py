@@ -16,6 +16,9 @@ import typer
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.data import DataError
 from common.rundir import SUMMARY_FILE, prepare_run_dir
+from simulation.compare import report
+
+DEFAULT_CACHE = Path.home() / ".cache" / "hybridfl"
 
 cli = typer.Typer(
     add_completion=False,
@@ -60,6 +63,12 @@ def simulate(
     out: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: runs/<name>).")
     ] = None,
+    serve: Annotated[
+        bool,
+        typer.Option("--serve", help="Serve the model registry over HTTP while training."),
+    ] = False,
+    host: Annotated[str, typer.Option(help="Model server address (with --serve).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Model server port (0: a free one).")] = 0,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
     from simulation.report import plot_accuracy, progress_line
@@ -89,6 +98,12 @@ def simulate(
     def on_round(row: dict[str, object], timing: dict[str, object]) -> None:
         typer.echo(progress_line(row, timing, cfg.rounds))
 
+    server = None
+    if serve:
+        from simulation.serving import start_model_server
+
+        server = start_model_server(run_dir, host, port)
+        typer.echo(f"model server: {server.url} (e.g. hybridfl fetch {server.url})")
     try:
         result = run_sim(cfg, run_dir, on_round=on_round)
     except RunnerError as err:
@@ -96,6 +111,9 @@ def simulate(
     except KeyboardInterrupt:
         typer.secho("interrupted: all processes stopped", fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130) from None
+    finally:
+        if server is not None:
+            server.stop()
     if not result.ok:
         cause = result.failure or f"see {run_dir / 'logs' / 'run.log'}"
         _fail(f"run {result.run_id} ended with status '{result.status}': {cause}", code=1)
@@ -109,6 +127,68 @@ def simulate(
         f"(global on devices {last.get('device_global_acc') or 0:.4f}); results in {run_dir}",
         fg=typer.colors.GREEN,
     )
+
+
+@cli.command("serve")
+def serve_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (finished or running).")],
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the write-API token (else env HYBRIDFL_TOKEN)."),
+    ] = None,
+) -> None:
+    """Serve a run's global-model versions over HTTP (read API public, writes token-gated)."""
+    import uvicorn
+
+    from server.http import create_app, load_token
+
+    if not (run_dir / "registry").is_dir():
+        _fail(f"{run_dir} has no model registry (registry/): is it a hybridfl run folder?")
+    try:
+        token = load_token(file=token_file)
+    except ValueError as err:
+        _fail(str(err))
+    if token is None:
+        typer.echo("write API disabled (set HYBRIDFL_TOKEN or --token-file to enable it)")
+    typer.echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
+    uvicorn.run(create_app(run_dir, token), host=host, port=port, log_level="warning")
+
+
+@cli.command("fetch")
+def fetch_cmd(
+    url: Annotated[str, typer.Argument(help="Model server, e.g. http://127.0.0.1:8080")],
+    version: Annotated[int | None, typer.Option(help="A version number.")] = None,
+    alias: Annotated[str, typer.Option(help="Alias when no --version.")] = "serving",
+    out: Annotated[Path | None, typer.Option(help="Copy the verified file here.")] = None,
+    cache_dir: Annotated[
+        Path, typer.Option(help="Download cache (resumable, content-addressed).")
+    ] = DEFAULT_CACHE,
+) -> None:
+    """Download a global model, verify its sha256 and check it loads into its model."""
+    import shutil
+
+    from client.fetch import FetchError, fetch_model, load_fetched_model
+
+    try:
+        res = fetch_model(url, version=version, alias=alias, cache_dir=cache_dir)
+        load_fetched_model(res)
+    except FetchError as err:
+        _fail(str(err), code=1)
+    m = res.manifest
+    how = f"downloaded {res.bytes} bytes" if res.downloaded else "cache is current"
+    typer.echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}")
+    if out is not None:
+        tmp = out.with_name(out.name + ".incomplete")
+        shutil.copyfile(res.path, tmp)
+        tmp.replace(out)
+        typer.echo(f"saved to {out}")
+    else:
+        typer.echo(f"file: {res.path}")
+
+
+cli.command()(report)
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ class Processes:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(
-        self, cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+        self, cmd: list[str], env: dict[str, str] | None, log: Path, cwd: Path | None = None
     ) -> subprocess.Popen[bytes]:
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
