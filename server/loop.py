@@ -4,6 +4,12 @@ Why our own loop instead of ``strategy.start``: we need seeded device sampling i
 device-id order (reproducible runs), validation of every update before it can
 touch the global model, per-device personalized evaluation, and one metrics line
 per round that a live reader (the CLI, the HTTP server) can tail.
+
+Evaluation protocol (``evaluate``): every evaluated device measures the served global
+model, its personalized model and a seeded few-step fine-tune of the global model on
+the same test examples; held-out devices (never sampled for training) measure the
+global model and the fine-tune, i.e. what a brand-new user gets. Results are
+summarised per role and written per device to ``devices.jsonl``.
 """
 
 from __future__ import annotations
@@ -30,7 +36,16 @@ from common.records import from_record, to_record
 from common.rundir import METRICS_FILE, TIMINGS_FILE, append_jsonl
 from common.seeding import derive_seed, sample_devices
 from common.weights import Arrays, ArraySpec, load_arrays, model_to_arrays, spec_of, validate_update
-from server.evaluation import device_summary
+from server.evaluation import (
+    DEVICES_FILE,
+    DeviceRow,
+    Role,
+    device_row,
+    device_summary,
+    holdout_devices,
+    holdout_summary,
+    write_device_rows,
+)
 from server.strategies import make_strategy, prepare_round
 
 log = logging.getLogger("hybridfl.server")
@@ -85,6 +100,9 @@ class ServerLoop:
         self.devices: dict[int, int] = {}  # device id -> node id
         self.node_to_device: dict[int, int] = {}
         self.last_metrics: dict[str, object] = {}
+        self.holdout: frozenset[int] = frozenset(holdout_devices(cfg))
+        """Devices that never train: they stand in for users the federation never saw."""
+        self.last_device_rows: list[DeviceRow] = []
 
     # -- setup -------------------------------------------------------------------
     def instructions(self, round_: int) -> RoundInstructions:
@@ -105,6 +123,8 @@ class ServerLoop:
             apfl_alpha=c.apfl_alpha,
             apfl_alpha_lr=c.apfl_alpha_lr,
             eval_batch_size=self.cfg.evaluation.batch_size,
+            finetune_steps=self.cfg.evaluation.finetune_steps,
+            finetune_lr=self.cfg.evaluation.finetune_lr,
             torch_threads=self.cfg.simulation.torch_threads,
         )
 
@@ -235,10 +255,11 @@ class ServerLoop:
         timings_path = self.run_dir / TIMINGS_FILE
         metrics_path.unlink(missing_ok=True)
         timings_path.unlink(missing_ok=True)
+        (self.run_dir / DEVICES_FILE).unlink(missing_ok=True)
         self.register_devices()
         if self.on_version:
             self.on_version(0, self.global_arrays, {})
-        device_ids = sorted(self.devices)
+        device_ids = self.train_pool()
         t_start = time.perf_counter()
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
@@ -279,9 +300,39 @@ class ServerLoop:
             )
         return self.global_arrays
 
-    def evaluate(self, round_: int, device_ids: list[int]) -> dict[str, object]:
-        """Global model on the global test set and on each device's own test split,
-        and each device's personalized model on the same split."""
+    def train_pool(self) -> list[int]:
+        """Registered devices that may be sampled for training (held-out ones never are)."""
+        pool = sorted(d for d in self.devices if d not in self.holdout)
+        if not pool:
+            raise RunFailed(
+                f"no registered device may train: all {len(self.devices)} are held out "
+                "(lower evaluation.holdout_fraction)"
+            )
+        return pool
+
+    def eval_targets(self, trained: list[int]) -> list[tuple[int, Role]]:
+        """(device, role) pairs to evaluate this round, in device-id order.
+
+        Training devices per ``evaluation.devices`` (this round's participants, or all
+        of them); held-out devices always, so their curve has a point at every evaluation.
+        """
+        if self.cfg.evaluation.devices == "all":
+            train = [d for d in self.devices if d not in self.holdout]
+        else:
+            train = [d for d in trained if d not in self.holdout]
+        held = [d for d in self.devices if d in self.holdout]
+        pairs: list[tuple[int, Role]] = [(d, "train") for d in train]
+        pairs += [(d, "holdout") for d in held]
+        return sorted(pairs)
+
+    def evaluate(self, round_: int, trained: list[int]) -> dict[str, object]:
+        """Evaluate the global model on the server's test set and on the devices.
+
+        Each device reports global, personalized and fine-tuned accuracy on its own
+        test split (see ``client.evaluation``); training and held-out devices are
+        summarised apart, and ``devices.jsonl`` is replaced with this evaluation's
+        per-device rows. Nothing here depends on reply order or timing.
+        """
         load_arrays(self.model, self.global_arrays)
         loss, acc = evaluate(self.model, self.x_test, self.y_test, self.cfg.evaluation.batch_size)
         out: dict[str, object] = {
@@ -289,19 +340,40 @@ class ServerLoop:
             "global_test_acc": acc,
             "global_test_loss": loss,
         }
-        if not device_ids:
+        targets = self.eval_targets(trained)
+        if not targets:
             return out
+        roles = dict(targets)
+        device_ids = [d for d, _ in targets]
         replies = self._send(round_, "evaluate", device_ids)
         outcome = self._check(replies, device_ids, train=False)
-        rows = []
+        rows: list[DeviceRow] = []
         for dev, m in outcome.valid:
             rec: MetricRecord = m.content[METRICS_KEY]
-            rows.append(
-                {k: float(rec[k]) for k in ("num-examples", "global-acc", "personal-acc")}
-                | {"device": dev}
-            )
-        out["devices"] = device_summary(rows)
-        out["eval_failed"] = len(outcome.failed) + len(outcome.rejected)
+            metrics = {k: float(v) for k, v in rec.items() if isinstance(v, (int, float))}
+            missing = [k for k in ("global-acc", "personal-acc") if k not in metrics]
+            if dev not in roles:
+                log.warning("ignored an evaluate reply from unknown device %d", dev)
+                continue
+            if missing:
+                outcome.rejected.append({"device": dev, "reason": f"metrics lack {missing}"})
+                continue
+            rows.append(device_row(dev, roles[dev], metrics))
+        train_rows = [r for r in rows if r["role"] == "train"]
+        held_rows = [r for r in rows if r["role"] == "holdout"]
+        out["devices"] = device_summary(train_rows)
+        if self.holdout:
+            out["holdout"] = holdout_summary(held_rows)
+        problems = sorted(
+            outcome.failed + outcome.rejected,
+            key=lambda f: int(f["device"]),  # type: ignore[call-overload]
+        )
+        out["eval_failed"] = len(problems)
+        if problems:
+            out["eval_failures"] = problems
+        out["eval_bytes_down"] = float(_nbytes(self.global_arrays.values()) * len(device_ids))
+        self.last_device_rows = rows  # in device-id order: outcome.valid is sorted
+        write_device_rows(self.run_dir / DEVICES_FILE, round_, self.last_device_rows)
         return out
 
 

@@ -23,18 +23,27 @@ def progress_line(row: dict[str, Any], timing: dict[str, Any], rounds: int) -> s
     if row.get("evaluated"):
         parts.append(f"global test {_pct(row.get('global_test_acc'))}")
         if dev.get("num_devices"):
-            parts.append(
+            text = (
                 f"on devices: global {_pct(dev['global_acc']['weighted_mean'])} "
                 f"personal {_pct(dev['personal_acc']['weighted_mean'])} "
-                f"worse {100 * dev['share_personal_worse']:.0f}%"
             )
+            if dev.get("finetuned_acc"):
+                text += f"finetuned {_pct(dev['finetuned_acc']['weighted_mean'])} "
+            parts.append(text + f"worse {100 * dev['share_personal_worse']:.0f}%")
+        held = row.get("holdout") or {}
+        if held.get("num_devices"):
+            text = f"held-out: global {_pct(held['global_acc']['weighted_mean'])}"
+            if held.get("finetuned_acc"):
+                text += f" finetuned {_pct(held['finetuned_acc']['weighted_mean'])}"
+            parts.append(text)
     if timing.get("elapsed_s") is not None:
         parts.append(f"{float(timing['elapsed_s']):6.1f}s")
     return "  ".join(parts)
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
-    """accuracy.png: global test accuracy and device-level global vs personalized."""
+    """accuracy.png: global test accuracy, and on devices global vs personalized vs
+    fine-tuned (plus held-out devices when there are any)."""
     rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if r.get("evaluated")]
     if not rows:
         return None
@@ -58,6 +67,30 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
         ax.plot(dr, g, "C0--", label="global model, devices' own test splits")
         ax.plot(dr, p, "C1-", label="personalized models, same splits")
         ax.fill_between(dr, p10, p90, color="C1", alpha=0.15, label="personalized p10-p90")
+        ft = [r for r in dev if r["devices"].get("finetuned_acc")]
+        if ft:
+            ax.plot(
+                [int(r["round"]) for r in ft],
+                [r["devices"]["finetuned_acc"]["weighted_mean"] for r in ft],
+                "C2-.",
+                label="global fine-tuned on device, same splits",
+            )
+    held = [r for r in rows if (r.get("holdout") or {}).get("num_devices")]
+    if held:
+        hr = [int(r["round"]) for r in held]
+        ax.plot(
+            hr,
+            [r["holdout"]["global_acc"]["weighted_mean"] for r in held],
+            "C3:",
+            label="global model, held-out devices",
+        )
+        if all(r["holdout"].get("finetuned_acc") for r in held):
+            ax.plot(
+                hr,
+                [r["holdout"]["finetuned_acc"]["weighted_mean"] for r in held],
+                "C3-",
+                label="global fine-tuned, held-out devices",
+            )
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)

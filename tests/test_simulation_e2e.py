@@ -80,7 +80,7 @@ def test_two_round_simulation_fills_the_run_folder(first_run) -> None:  # type: 
         assert r["num_sampled"] == 3 and r["num_updates"] == 3 and r["num_failed"] == 0
         assert 0.0 <= r["global_test_acc"] <= 1.0
         dev = r["devices"]
-        assert dev["num_devices"] == 3
+        assert dev["num_devices"] == 6  # evaluation.devices = "all"
         for key in ("global_acc", "personal_acc"):
             assert set(dev[key]) == {"mean", "weighted_mean", "p10", "p50", "p90"}
         assert 0.0 <= dev["share_personal_worse"] <= 1.0
