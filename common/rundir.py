@@ -29,7 +29,14 @@ LOG_DIR = "logs"
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
-    """Write the resolved config and the partition; return the partition stats."""
+    """Write the resolved config and the partition; return the partition stats.
+
+    A relative ``data.path`` is resolved against the current directory here, once:
+    the SuperLink, the ServerApp and the Ray workers all run elsewhere.
+    """
+    if cfg.data.path and not Path(cfg.data.path).is_absolute():
+        data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})
+        cfg = cfg.model_copy(update={"data": data})
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     dataset = load_dataset(cfg.data)

@@ -103,3 +103,25 @@ def test_dump_round_trips(tmp_path: Path) -> None:
     p = tmp_path / "resolved.toml"
     p.write_text(dump_config(cfg))
     assert load_config(p) == cfg
+
+
+def test_relative_data_path_is_resolved_in_the_run_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from common.rundir import prepare_run_dir
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "d.npz"
+    np.savez(
+        data,
+        x_train=rng.integers(0, 255, (40, 8, 8), dtype=np.uint8),
+        y_train=np.arange(40, dtype=np.uint8) % 4,
+        x_test=rng.integers(0, 255, (8, 8, 8), dtype=np.uint8),
+        y_test=np.arange(8, dtype=np.uint8) % 4,
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["data.dataset=npz", "data.path=d.npz", "partition.num_devices=4"])
+    prepare_run_dir(cfg, tmp_path / "run")
+    assert load_config(tmp_path / "run" / "config.toml").data.path == str(data)
