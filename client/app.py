@@ -11,6 +11,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.algorithms import get_algorithm
+from client.coldstart import cold_start_metrics
 from client.evaluation import evaluate_models
 from client.runtime import device_data, device_env, device_store, model_for, set_threads
 from common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RoundInstructions
@@ -18,6 +19,10 @@ from common.records import from_record, to_record
 from common.seeding import torch_generator
 
 app = ClientApp()
+
+
+class StaleRoundError(RuntimeError):
+    """A train message for a round this device has already moved past."""
 
 
 def _instructions(msg: Message) -> RoundInstructions:
@@ -52,6 +57,19 @@ def train(msg: Message, context: Context) -> Message:
     model = model_for(instr.model_spec)
     global_arrays = from_record(msg.content[ARRAYS_KEY])
     state = store.load(env.device_id)
+    if state is not None and int(state.meta.get("last_round", -1)) >= instr.round:
+        # A message the server already gave up on (e.g. delivered after a restart):
+        # training on it would overwrite newer personal state.
+        raise StaleRoundError(
+            f"device {env.device_id} already trained in round {state.meta['last_round']}; "
+            f"ignoring the late message for round {instr.round}"
+        )
+    # First join (no personal state yet): what the served model gives this device.
+    cold = (
+        {}
+        if state is not None
+        else cold_start_metrics(env.model_server, store.root, data, instr.eval_batch_size)
+    )
     gen = torch_generator(instr.seed, "train", instr.round, env.device_id)
     update = algo.client_update(model, global_arrays, state, data, instr, gen)
     update.state.meta["last_round"] = instr.round
@@ -61,6 +79,7 @@ def train(msg: Message, context: Context) -> Message:
         "device-id": env.device_id,
         "train-time-s": time.perf_counter() - t0,
         **{k.replace("_", "-"): float(v) for k, v in update.metrics.items()},
+        **cold,
     }
     content = RecordDict({ARRAYS_KEY: to_record(update.shared), METRICS_KEY: MetricRecord(metrics)})
     return Message(content, reply_to=msg)

@@ -62,6 +62,11 @@ class RoundOutcome:
     valid: list[tuple[int, Message]] = field(default_factory=list)
     failed: list[dict[str, object]] = field(default_factory=list)
     rejected: list[dict[str, object]] = field(default_factory=list)
+    cold_start: list[dict[str, object]] = field(default_factory=list)
+    """First-join devices: the served model's accuracy on their own test split."""
+
+
+COLD_START_FILE = "cold_start.jsonl"
 
 
 def _nbytes(arrays: Iterable[np.ndarray]) -> int:
@@ -99,6 +104,9 @@ class ServerLoop:
         self.y_test = torch.from_numpy(np.ascontiguousarray(dataset.y_test)).long()
         self.devices: dict[int, int] = {}  # device id -> node id
         self.node_to_device: dict[int, int] = {}
+        self.sent_to: dict[str, int] = {}
+        """Message id -> device of the last send: errors the SuperLink itself makes
+        (node unavailable) come from node 0, so only ``reply_to`` names the device."""
         self.last_metrics: dict[str, object] = {}
         self.holdout: frozenset[int] = frozenset(holdout_devices(cfg))
         """Devices that never train: they stand in for users the federation never saw."""
@@ -158,6 +166,33 @@ class ServerLoop:
             log.warning("device registration failed: %s", e)
         log.info("registered %d devices", len(self.devices))
 
+    def refresh_devices(self) -> None:
+        """Ask nodes we have not met which device they are (deployment only).
+
+        A restarted SuperNode may come back under a new node id; without this its
+        device would stay mapped to the dead node. Simulation nodes never change, so
+        this sends nothing there.
+        """
+        unknown = sorted(set(self.grid.get_node_ids()) - set(self.node_to_device))
+        if not unknown:
+            return
+        cfg_rec = ConfigRecord(self.instructions(0).to_flat())
+        msgs = [
+            Message(RecordDict({CONFIG_KEY: cfg_rec}), dst_node_id=n, message_type="query.hello")
+            for n in unknown
+        ]
+        timeout = min(120.0, self.cfg.strategy.round_timeout_s)
+        for r in self.grid.send_and_receive(msgs, timeout=timeout):
+            if r.has_error():
+                continue
+            dev, node = int(r.content[METRICS_KEY]["device-id"]), r.metadata.src_node_id
+            old = self.devices.get(dev)
+            if old is not None and old != node:
+                self.node_to_device.pop(old, None)
+            self.devices[dev] = node
+            self.node_to_device[node] = dev
+            log.info("device %d is now node %d", dev, node)
+
     # -- one round ---------------------------------------------------------------
     def _send(self, round_: int, kind: str, device_ids: list[int]) -> list[Message]:
         instr = self.instructions(round_)
@@ -176,13 +211,17 @@ class ServerLoop:
             )
             for d in device_ids
         ]
-        return list(self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout_s))
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout_s))
+        self.sent_to = {m.metadata.message_id: d for m, d in zip(msgs, device_ids, strict=True)}
+        return replies
 
     def _check(self, replies: list[Message], chosen: list[int], train: bool) -> RoundOutcome:
         out = RoundOutcome()
         seen: set[int] = set()
         for r in replies:
-            dev = self.node_to_device.get(r.metadata.src_node_id, -1)
+            dev = self.node_to_device.get(
+                r.metadata.src_node_id, self.sent_to.get(r.metadata.reply_to_message_id, -1)
+            )
             seen.add(dev)
             if r.has_error():
                 out.failed.append({"device": dev, "reason": r.error.reason})
@@ -216,6 +255,10 @@ class ServerLoop:
     def train_round(self, round_: int, chosen: list[int]) -> tuple[RoundOutcome, dict[str, float]]:
         replies = self._send(round_, "train", chosen)
         outcome = self._check(replies, chosen, train=True)
+        for dev, m in outcome.valid:
+            acc = m.content[METRICS_KEY].get("cold-start-acc")
+            if acc is not None:
+                outcome.cold_start.append({"device": dev, "acc": float(acc)})
         if len(outcome.valid) < self.cfg.strategy.min_train_devices:
             reasons = [
                 f"device {f['device']}: {f['reason']}" for f in outcome.failed + outcome.rejected
@@ -255,6 +298,7 @@ class ServerLoop:
         timings_path = self.run_dir / TIMINGS_FILE
         metrics_path.unlink(missing_ok=True)
         timings_path.unlink(missing_ok=True)
+        (self.run_dir / COLD_START_FILE).unlink(missing_ok=True)
         (self.run_dir / DEVICES_FILE).unlink(missing_ok=True)
         self.register_devices()
         if self.on_version:
@@ -263,6 +307,7 @@ class ServerLoop:
         t_start = time.perf_counter()
         for rnd in range(1, cfg.rounds + 1):
             t0 = time.perf_counter()
+            self.refresh_devices()
             chosen = sample_devices(
                 cfg.seed,
                 rnd,
@@ -282,6 +327,11 @@ class ServerLoop:
                 "rejected": outcome.rejected,
                 **stats,
             }
+            if outcome.cold_start:
+                row["cold_start"] = outcome.cold_start
+                append_jsonl(
+                    self.run_dir / COLD_START_FILE, {"round": rnd, "devices": outcome.cold_start}
+                )
             if rnd % cfg.evaluation.every == 0 or rnd == cfg.rounds:
                 row.update(self.evaluate(rnd, [d for d, _ in outcome.valid]))
             self.last_metrics = row

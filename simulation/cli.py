@@ -190,6 +190,10 @@ def fetch_cmd(
 
 cli.command()(report)
 
+from simulation.cli_deploy import register as _register_deploy  # noqa: E402
+
+_register_deploy(cli)
+
 
 def main() -> None:
     try:

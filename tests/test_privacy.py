@@ -62,7 +62,8 @@ def _call(run_dir: Path, algorithm: str, kind: str, device: int) -> tuple[Messag
 
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedper"])
 def test_train_reply_holds_only_weights_and_scalars(run_dir: Path, algorithm: str) -> None:
-    reply, global_arrays = _call(run_dir, algorithm, "train", device=1)
+    device = {"fedavg": 1, "fedper": 3}[algorithm]  # each device trains once per round
+    reply, global_arrays = _call(run_dir, algorithm, "train", device=device)
     assert not reply.has_error()
     c = reply.content
     assert set(c.array_records) == {ARRAYS_KEY}
@@ -77,7 +78,7 @@ def test_train_reply_holds_only_weights_and_scalars(run_dir: Path, algorithm: st
     for key, value in c[METRICS_KEY].items():
         assert isinstance(value, (int, float)), key
 
-    ctx = Context(1, 1, {"partition-id": 1}, RecordDict(), {"run-dir": str(run_dir)})
+    ctx = Context(1, 1, {"partition-id": device}, RecordDict(), {"run-dir": str(run_dir)})
     data = device_data(device_env(ctx))
     wire = recorddict_to_proto(c).SerializeToString()
     for i in range(min(5, data.x_train.shape[0])):
@@ -87,7 +88,17 @@ def test_train_reply_holds_only_weights_and_scalars(run_dir: Path, algorithm: st
     for dtype in (np.int64, np.int32, np.uint8):
         assert labels.astype(dtype).tobytes() not in wire, "the label vector appears in the reply"
     # The personal state stays on the device's disk.
-    assert (run_dir / STATE_DIR / "device-000001.safetensors").is_file()
+    assert (run_dir / STATE_DIR / f"device-{device:06d}.safetensors").is_file()
+
+
+def test_a_late_train_message_never_overwrites_newer_state(run_dir: Path) -> None:
+    reply, _ = _call(run_dir, "fedavg", "train", device=0)
+    assert not reply.has_error()
+    state_file = run_dir / STATE_DIR / "device-000000.safetensors"
+    before = state_file.read_bytes()
+    with pytest.raises(Exception, match="already trained in round 1"):
+        _call(run_dir, "fedavg", "train", device=0)
+    assert state_file.read_bytes() == before
 
 
 def test_evaluate_and_hello_replies_are_scalars(run_dir: Path) -> None:

@@ -1,0 +1,474 @@
+"""Real processes: a Flower SuperLink and one SuperNode per device, over TLS with node auth.
+
+Why thin wrappers over Flower's own commands (``flower-superlink``,
+``flower-supernode``, ``flwr supernode register``, ``flwr run``): the transport, TLS
+and node authentication are Flower's; we only choose arguments, keep every process
+in one ``Processes`` (so all of them stop, also on Ctrl-C), and give each its own
+``FLWR_HOME``, port and log. The ClientApp and ServerApp are the very ones that run
+under Ray; a device finds its data and personal state from its ``node_config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shlex
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from common.config import ExperimentConfig
+from common.rundir import (
+    FAILURE_FILE,
+    LOG_DIR,
+    METRICS_FILE,
+    STATE_DIR,
+    SUMMARY_FILE,
+    TIMINGS_FILE,
+)
+from simulation.certs import CertFiles, make_certs
+from simulation.procs import Processes
+from simulation.runner import (
+    CONNECTION,
+    RunnerError,
+    RunResult,
+    _follow,
+    app_dir,
+    flwr_env,
+    free_port,
+    run_status,
+)
+
+DEFAULT_SUPERLINK_PORT = 9093
+CERTS_DIR = "certs"
+DEVICE_DATA_DIR = "device_data"
+TASK_POLL_S = "0.2"
+"""Flower's SuperExec looks for new ClientApp tasks every second by default
+(``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``); a shorter interval cuts up to 0.8 s per message."""
+ProgressFn = Callable[[dict[str, object], dict[str, object]], None]
+
+
+# -- configuration of Flower's own tools ---------------------------------------------
+def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> None:
+    """``FLWR_HOME/config.toml`` with one connection: TLS with our CA, or insecure."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    tls = (
+        f'root-certificates = "{ca_cert.resolve()}"\n'
+        if ca_cert is not None
+        else "insecure = true\n"
+    )
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+        f'[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}'
+    )
+
+
+def node_config_arg(values: dict[str, str | int]) -> str:
+    """``--node-config`` value: ints bare, strings quoted (paths must not hold spaces)."""
+    parts = []
+    for k, v in values.items():
+        if isinstance(v, str):
+            if any(c in v for c in ' "'):
+                raise ValueError(f"node config {k}={v!r}: spaces and quotes are not supported")
+            parts.append(f'{k}="{v}"')
+        else:
+            parts.append(f"{k}={int(v)}")
+    return " ".join(parts)
+
+
+def superlink_command(
+    port: int, host: str = "127.0.0.1", certs: CertFiles | None = None, database: Path | None = None
+) -> list[str]:
+    """``flower-superlink`` for real SuperNodes: TLS + node auth unless ``certs`` is None."""
+    cmd = ["flower-superlink", "--host", host, "--port", str(port)]
+    cmd += ["--isolation", "subprocess", "--disable-runtime-dependency-installation"]
+    if certs is None:
+        cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-certfile", str(certs.server_cert.resolve()),
+            "--ssl-keyfile", str(certs.server_key.resolve()),
+            "--ssl-ca-certfile", str(certs.ca_cert.resolve()),
+            "--enable-supernode-auth",
+        ]  # fmt: skip
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def device_command(
+    superlink: str,
+    device_id: int,
+    node_config: dict[str, str | int],
+    runtime_port: int,
+    ca_cert: Path | None,
+    private_key: Path | None,
+) -> list[str]:
+    """``flower-supernode`` for device ``device_id``; insecure when ``ca_cert`` is None.
+
+    ``runtime_port`` is the SuperNode's local Runtime API (one per SuperNode on a
+    machine); the ClientApp processes it starts talk to it on 127.0.0.1.
+    """
+    cmd = ["flower-supernode", "--superlink", superlink]
+    if ca_cert is None:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(ca_cert.resolve())]
+    if private_key is not None:
+        cmd += ["--auth-supernode-private-key", str(private_key.resolve())]
+    cfg = {"device-id": device_id, **node_config}
+    cmd += ["--node-config", node_config_arg(cfg), "--port", str(runtime_port)]
+    cmd += ["--isolation", "subprocess"]
+    return cmd
+
+
+def wait_superlink(
+    port: int,
+    proc: subprocess.Popen[bytes],
+    log: Path,
+    ca_cert: Path | None,
+    timeout_s: float = 60.0,
+) -> None:
+    """Poll the SuperLink's ``/health`` (over TLS, verified with our CA, when secure)."""
+    url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
+    verify: str | bool = str(ca_cert) if ca_cert else False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise RunnerError(f"SuperLink exited with code {proc.returncode}:\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=1.0, verify=verify).is_success:
+                return
+        time.sleep(0.2)
+    raise RunnerError(f"SuperLink did not become healthy within {timeout_s:.0f}s; see {log}")
+
+
+def register_key(public_key: Path, env: dict[str, str]) -> int:
+    """Register a device's public key with ``flwr supernode register``; its node id."""
+    out = subprocess.run(
+        ["flwr", "supernode", "register", str(public_key), CONNECTION, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        payload = json.loads(out.stdout[out.stdout.index("{") :])
+        return int(payload["node-id"])
+    except (ValueError, KeyError, TypeError):
+        raise RunnerError(
+            f"registering {public_key} failed (exit {out.returncode}): "
+            f"{(out.stdout + out.stderr)[-1000:]}"
+        ) from None
+
+
+def list_nodes(env: dict[str, str]) -> list[dict[str, object]]:
+    """The SuperLink's node table (``flwr supernode ls``): ids and online status."""
+    out = subprocess.run(
+        ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        return list(json.loads(out.stdout[out.stdout.index("{") :])["nodes"])
+    except (ValueError, KeyError, TypeError):
+        return []
+
+
+def submit(app: Path, run_dir: Path, env: dict[str, str], log: Path) -> int:
+    """``flwr run`` to a deployment (no federation options): the run id."""
+    cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", f'run-dir="{run_dir}"']
+    out = subprocess.run(
+        [*cmd, "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    with log.open("a") as f:
+        f.write(out.stdout + out.stderr)
+    try:
+        return int(json.loads(out.stdout[out.stdout.index("{") :])["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise RunnerError(
+            f"flwr run failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}"
+        ) from None
+
+
+def follow_run(
+    run_id: int,
+    run_dir: Path,
+    env: dict[str, str],
+    on_round: ProgressFn | None = None,
+    alive: Callable[[], None] | None = None,
+    poll_s: float = 0.5,
+    status_every_s: float = 10.0,
+) -> str:
+    """Stream ``metrics.jsonl`` until the SuperLink says the run finished; its status.
+
+    ``alive`` raises when a process the run depends on died (e.g. the SuperLink).
+    """
+    seen, last_check, status = 0, 0.0, "unknown"
+    while True:
+        for row in _follow(run_dir / METRICS_FILE, seen):
+            seen += 1
+            if on_round:
+                timings = _follow(run_dir / TIMINGS_FILE, 0)
+                on_round(row, next((t for t in timings if t.get("round") == row["round"]), {}))
+        if alive is not None:
+            alive()
+        ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
+        now = time.monotonic()
+        if now - last_check > (1.0 if ended else status_every_s):
+            last_check = now
+            status = run_status(run_id, env)
+            if status.startswith("finished"):
+                for row in _follow(run_dir / METRICS_FILE, seen):
+                    seen += 1
+                    if on_round:
+                        on_round(row, {})
+                return status
+        time.sleep(poll_s)
+
+
+def failure_of(run_dir: Path) -> str | None:
+    if (run_dir / FAILURE_FILE).exists():
+        return str(json.loads((run_dir / FAILURE_FILE).read_text()).get("error"))
+    return None
+
+
+def export_device_data(run_dir: Path, device_id: int, out: Path) -> Path:
+    """One device's own split as a plain ``.npz`` (what goes onto that device's disk).
+
+    Why: a real device holds its data, not the whole dataset plus everyone's
+    partition; the file is read with ``allow_pickle=False``.
+    """
+    from common.config import load_config
+    from common.data import device_arrays, load_dataset, load_partition
+    from common.rundir import CONFIG_FILE, PARTITION_FILE
+
+    cfg = load_config(run_dir / CONFIG_FILE)
+    x_tr, y_tr, x_te, y_te = device_arrays(
+        load_dataset(cfg.data), load_partition(run_dir / PARTITION_FILE), device_id
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".incomplete.npz")
+    np.savez(tmp, x_train=x_tr, y_train=y_tr, x_test=x_te, y_test=y_te)
+    tmp.replace(out)
+    return out
+
+
+# -- one deployment on this machine ---------------------------------------------------
+@dataclass
+class Deployment:
+    """A SuperLink, device SuperNodes and (optionally) the model server, all on 127.0.0.1.
+
+    Each device has its own ``Processes`` so a test (or an operator) can kill and
+    restart one device; ``stop`` ends every process any of them started.
+    """
+
+    run_dir: Path
+    certs: CertFiles | None
+    port: int = 0
+    procs: Processes = field(default_factory=Processes)
+    devices: dict[int, Processes] = field(default_factory=dict)
+    model_server_url: str = ""
+    link: subprocess.Popen[bytes] | None = None
+    _model_server: object | None = None
+
+    def __post_init__(self) -> None:
+        self.run_dir = self.run_dir.resolve()
+        self.port = self.port or free_port()
+        self.logs = self.run_dir / LOG_DIR
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.flwr_home = self.run_dir / "flwr_home"
+        ca = self.certs.ca_cert if self.certs else None
+        write_connection(self.flwr_home, self.address, ca)
+        self.env = flwr_env(self.flwr_home)
+        self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_S)
+        self.device_data: dict[int, Path] = {}
+        self._stopping = threading.Event()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start_superlink(self) -> None:
+        log = self.logs / "superlink.log"
+        cmd = superlink_command(self.port, "127.0.0.1", self.certs)
+        self.link = self.procs.start(cmd, self.env, log, cwd=self.run_dir)
+        wait_superlink(self.port, self.link, log, self.certs.ca_cert if self.certs else None)
+
+    def register(self, device_ids: list[int]) -> dict[int, int]:
+        """Register the devices' public keys (node auth); device id -> node id."""
+        if self.certs is None:
+            return {}
+        return {k: register_key(self.certs.device_pub(k), self.env) for k in device_ids}
+
+    def export_data(self, device_ids: list[int]) -> None:
+        """Give each device its own data file, as on a real device.
+
+        Why: deployment starts a new ClientApp process per message, so the
+        per-process dataset cache of simulation never hits; loading the whole
+        dataset and slicing it per message costs about a second (digits), a
+        device file a millisecond. The arrays are the same, so results are too.
+        """
+        for k in device_ids:
+            out = self.run_dir / DEVICE_DATA_DIR / f"device-{k}.npz"
+            self.device_data[k] = export_device_data(self.run_dir, k, out)
+
+    def start_model_server(self) -> str:
+        from simulation.serving import start_model_server
+
+        server = start_model_server(self.run_dir, "127.0.0.1", 0)
+        self._model_server = server
+        self.procs.procs.extend(server.procs.procs)
+        self.model_server_url = server.url
+        return server.url
+
+    def start_device(
+        self, device_id: int, private_key: Path | None = None, cold_start: bool = True
+    ) -> subprocess.Popen[bytes]:
+        """One SuperNode for ``device_id`` with its data and state in the run folder."""
+        home = self.flwr_home / f"device-{device_id}"
+        home.mkdir(parents=True, exist_ok=True)
+        env = {**self.env, "FLWR_HOME": str(home)}
+        node_cfg: dict[str, str | int] = {"run-dir": str(self.run_dir)}
+        if device_id in self.device_data:
+            node_cfg["data"] = str(self.device_data[device_id])
+            node_cfg["state-dir"] = str(self.run_dir / STATE_DIR)
+        if cold_start and self.model_server_url:
+            node_cfg["model-server"] = self.model_server_url
+        key = private_key
+        if key is None and self.certs is not None:
+            key = self.certs.device_key(device_id)
+        cmd = device_command(
+            self.address,
+            device_id,
+            node_cfg,
+            free_port(),
+            self.certs.ca_cert if self.certs else None,
+            key,
+        )
+        procs = self.devices.setdefault(device_id, Processes())
+        return procs.start(cmd, env, self.logs / f"device-{device_id}.log", cwd=home)
+
+    def kill_device(self, device_id: int, crash: bool = False) -> None:
+        """Stop device ``device_id`` and everything it started; ``crash``: no grace at all."""
+        procs = self.devices.pop(device_id, None)
+        if procs is not None:
+            procs.stop_all(grace_s=0.0 if crash else 5.0)
+
+    def restart_device(self, device_id: int, within_s: float = 180.0) -> threading.Thread:
+        """Start device ``device_id`` again, retrying in the background until it joins.
+
+        Why retry: after a crash the SuperLink keeps the node online until its
+        heartbeat expires (Flower: 2 x 30 s) and refuses to activate it twice, so the
+        SuperNode exits (code 305); a real device would simply try again later.
+        """
+
+        def attempt() -> None:
+            deadline = time.monotonic() + within_s
+            while time.monotonic() < deadline and not self._stopping.is_set():
+                proc = self.start_device(device_id)
+                try:
+                    proc.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    return  # still running: it joined
+                self._stopping.wait(3.0)
+
+        thread = threading.Thread(target=attempt, name=f"restart-device-{device_id}", daemon=True)
+        thread.start()
+        return thread
+
+    def submit(self) -> int:
+        return submit(app_dir(self.run_dir), self.run_dir, self.env, self.logs / "flwr-run.log")
+
+    def check_alive(self) -> None:
+        if self.link is not None and self.link.poll() is not None:
+            raise RunnerError(
+                f"SuperLink exited unexpectedly (code {self.link.returncode}); "
+                f"see {self.logs / 'superlink.log'}"
+            )
+
+    def follow(self, run_id: int, on_round: ProgressFn | None = None) -> str:
+        log = self.logs / "run.log"
+        self.procs.start(
+            ["flwr", "log", str(run_id), CONNECTION, "--stream"], self.env, log, cwd=self.run_dir
+        )
+        return follow_run(run_id, self.run_dir, self.env, on_round, self.check_alive)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for k in list(self.devices):
+            self.kill_device(k)
+        self.procs.stop_all()
+
+
+def deploy(
+    cfg: ExperimentConfig,
+    run_dir: Path,
+    devices: int,
+    on_round: ProgressFn | None = None,
+    secure: bool = True,
+    model_server: bool = True,
+    on_started: Callable[[Deployment], None] | None = None,
+) -> RunResult:
+    """Certs, SuperLink, keys registered, N devices, model server, run, teardown.
+
+    ``run_dir`` must be prepared (``prepare_run_dir``). Every process started here is
+    stopped before returning, also on an exception or Ctrl-C.
+    """
+    run_dir = run_dir.resolve()
+    t0 = time.perf_counter()
+    certs = make_certs(run_dir / CERTS_DIR, devices) if secure else None
+    dep = Deployment(run_dir, certs)
+    try:
+        dep.start_superlink()
+        dep.register(list(range(devices)))
+        dep.export_data(list(range(devices)))
+        if model_server:
+            dep.start_model_server()
+        for k in range(devices):
+            dep.start_device(k)
+        if on_started is not None:
+            on_started(dep)
+        run_id = dep.submit()
+        status = dep.follow(run_id, on_round)
+        return RunResult(run_id, status, time.perf_counter() - t0, run_dir, failure_of(run_dir))
+    finally:
+        dep.stop()
+
+
+def describe(cmd: list[str]) -> str:
+    """A command as a shell line (for ``--dry-run`` and logs)."""
+    return shlex.join(cmd)
+
+
+__all__ = [
+    "DEFAULT_SUPERLINK_PORT",
+    "Deployment",
+    "deploy",
+    "device_command",
+    "export_device_data",
+    "follow_run",
+    "list_nodes",
+    "node_config_arg",
+    "register_key",
+    "submit",
+    "superlink_command",
+    "wait_superlink",
+    "write_connection",
+]
