@@ -53,7 +53,7 @@ def test_bad_updates_are_rejected_and_never_aggregated(tmp_path: Path) -> None:
             )
         if device == 2:  # wrong shape
             return _replace_arrays(
-                msg, reply, lambda a: {k: np.zeros((3,) + v.shape, v.dtype) for k, v in a.items()}
+                msg, reply, lambda a: {k: np.zeros((3, *v.shape), v.dtype) for k, v in a.items()}
             )
         if device == 3:  # the device crashed
             return Message(Error(code=1, reason="device 3 ran out of battery"), reply_to=msg)
