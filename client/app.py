@@ -32,7 +32,7 @@ def _instructions(msg: Message) -> RoundInstructions:
 @app.query("hello")
 def hello(msg: Message, context: Context) -> Message:
     """Registration: tell the server which device this node is and its data sizes."""
-    env = device_env(context)
+    env = device_env(context, _instructions(msg).run_dir)
     data = device_data(env)
     metrics = MetricRecord(
         {
@@ -50,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     instr = _instructions(msg)
     set_threads(instr.torch_threads)
-    env = device_env(context)
+    env = device_env(context, instr.run_dir)
     data = device_data(env)
     store = device_store(env)
     algo = get_algorithm(instr.algorithm)
@@ -94,7 +94,7 @@ def evaluate_device(msg: Message, context: Context) -> Message:
     """
     instr = _instructions(msg)
     set_threads(instr.torch_threads)
-    env = device_env(context)
+    env = device_env(context, instr.run_dir)
     data = device_data(env)
     algo = get_algorithm(instr.algorithm)
     model = model_for(instr.model_spec)

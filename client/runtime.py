@@ -52,12 +52,14 @@ class DeviceEnv:
     """Model server URL for the cold-start fetch (deployment only; empty: none)."""
 
 
-def device_env(context: Context) -> DeviceEnv:
+def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
     """Map this node to its device id, its data and its personal-state folder.
 
     In simulation Flower gives each node ``partition-id``; a real SuperNode is
     started with ``device-id`` in its node config, plus ``run-dir`` (one machine) or
-    ``data`` and ``state-dir`` (its own disk). Node config wins over run config.
+    ``data`` and ``state-dir`` (its own disk). Node config wins over run config,
+    which wins over ``server_run_dir`` (the folder the ServerApp announced: what a
+    bare ``flwr run .`` in simulation has to go on).
     """
     nc = context.node_config
     raw_id = nc.get("device-id", nc.get("partition-id"))
@@ -66,7 +68,7 @@ def device_env(context: Context) -> DeviceEnv:
             "node_config has neither 'device-id' nor 'partition-id': start the "
             "SuperNode with --node-config 'device-id=K'"
         )
-    run_dir = str(nc.get(RUN_DIR_KEY) or context.run_config.get(RUN_DIR_KEY, ""))
+    run_dir = str(nc.get(RUN_DIR_KEY) or context.run_config.get(RUN_DIR_KEY, "") or server_run_dir)
     data = str(nc.get(DATA_KEY, "") or "")
     state = str(nc.get(STATE_DIR_KEY, "") or "")
     if not run_dir and not (data and state):

@@ -45,6 +45,9 @@ class RoundInstructions(BaseModel):
     finetune_lr: float = Field(0.0, ge=0)
     """Evaluation: fine-tune learning rate; 0 uses ``lr``."""
     torch_threads: int = Field(1, ge=1)
+    run_dir: str = ""
+    """The server's run folder; devices in a simulation without their own
+    ``run-dir`` (a bare ``flwr run .``) find their data there."""
 
     @property
     def spec(self) -> ModelSpec:

@@ -48,7 +48,11 @@ def resolve_run_dir(run_config: dict[str, object]) -> Path:
         if not (run_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"run-dir {run_dir} has no {CONFIG_FILE}: prepare it first")
         return run_dir
-    cfg_path = str(run_config.get("config", "") or "") or str(default_config_path())
+    cfg_path = Path(str(run_config.get("config", "") or "") or default_config_path())
+    if not cfg_path.is_absolute() and not cfg_path.exists():
+        # Relative to the app: `flwr run .` installs the repository (configs
+        # included) as a FAB, and the ServerApp runs from elsewhere.
+        cfg_path = default_config_path().parent.parent / cfg_path
     cfg = load_config(cfg_path)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output.root).resolve() / f"{cfg.name}-{stamp}"

@@ -134,6 +134,7 @@ class ServerLoop:
             finetune_steps=self.cfg.evaluation.finetune_steps,
             finetune_lr=self.cfg.evaluation.finetune_lr,
             torch_threads=self.cfg.simulation.torch_threads,
+            run_dir=str(self.run_dir),
         )
 
     def register_devices(self, wait_s: float = 120.0) -> None:
