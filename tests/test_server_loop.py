@@ -131,3 +131,25 @@ def test_every_strategy_trains(tmp_path: Path, strategy: str) -> None:
     train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
     mu = [float(m.content["config"].get("proximal-mu", 0.0)) for m in train_msgs]
     assert all(x == cfg.strategy.proximal_mu for x in mu) if strategy == "fedprox" else not any(mu)
+
+
+ALGORITHM_SETS = {
+    "fedavg": [],
+    "fedprox": [],
+    "fedper": ['model.name="mlp2nn"'],
+    "fedrep": ['model.name="mlp2nn"'],
+    "fedbn": ['model.name="cnn"', "model.batch_norm=true"],
+    "ditto": [],
+    "apfl": [],
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHM_SETS))
+def test_every_algorithm_runs_through_server_and_devices(tmp_path: Path, algorithm: str) -> None:
+    cfg, ds = _setup(tmp_path, f"client.algorithm={algorithm}", *ALGORITHM_SETS[algorithm])
+    loop = ServerLoop(InProcessGrid(tmp_path, 4), cfg, tmp_path, ds)
+    final = loop.run()
+    assert all(np.isfinite(v).all() for v in final.values())
+    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert rows[-1]["num_updates"] == 4 and rows[-1]["num_rejected"] == 0
+    assert rows[-1]["devices"]["num_devices"] == 4
