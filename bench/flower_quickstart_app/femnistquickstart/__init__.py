@@ -1,0 +1,1 @@
+"""femnistquickstart: a Flower / PyTorch app (benchmark baseline)."""
