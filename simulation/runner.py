@@ -35,7 +35,7 @@ from simulation.procs import Processes
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("common", "client", "server", "simulation")
 CONNECTION = "hybridfl"
-STATUS_POLL_S = 10.0
+STATUS_POLL_S = 30.0
 
 
 class RunnerError(RuntimeError):
