@@ -125,6 +125,15 @@ EXPERIMENTS: list[Experiment] = [
         )
         for lr in ("0.1", "0.02")
     ],
+    Experiment(
+        "mcmahan_shards",
+        "McMahan 2NN, MNIST pathological non-IID (sorted, 2 shards of 300 per device), "
+        "100 devices, C=0.1, E=1, B=10, lr 0.05",
+        "configs/mcmahan_2nn_shards.toml",
+        700,
+        "664 rounds to 97% (McMahan et al. 2017, Table 2, 2NN, E=1, B=10, C=0.1)",
+        target=0.97,
+    ),
     *[_pflib("pathological", a, [], PUB_PATH) for a in ALGOS],
     *[_pflib("Dirichlet(0.1)", a, DIR01, PUB_DIR) for a in ("fedavg", "fedrep", "ditto")],
     *[
