@@ -894,7 +894,7 @@ def main(argv: list[str] | None = None) -> int:
                 if best is None or _quietness(v, args) > _quietness(best, args):
                     best = v
                 over = time.monotonic() - t_start + v.wall_s > args.budget
-                if v.error or n_quiet >= 2 or over:
+                if v.error or n_quiet >= 2 or over or attempt == args.retries:
                     break
                 print(f"  ({key}) too few quiet rounds: the machine is busy; measuring again")
             assert best is not None
