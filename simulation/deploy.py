@@ -25,12 +25,8 @@ import numpy as np
 
 from common.config import ExperimentConfig
 from common.rundir import (
-    FAILURE_FILE,
     LOG_DIR,
-    METRICS_FILE,
     STATE_DIR,
-    SUMMARY_FILE,
-    TIMINGS_FILE,
 )
 from simulation.certs import CertFiles, make_certs
 from simulation.procs import Processes
@@ -38,11 +34,11 @@ from simulation.runner import (
     CONNECTION,
     RunnerError,
     RunResult,
-    _follow,
     app_dir,
+    failure_of,
     flwr_env,
+    follow_run,
     free_port,
-    run_status,
 )
 
 DEFAULT_SUPERLINK_PORT = 9093
@@ -205,48 +201,6 @@ def submit(app: Path, run_dir: Path, env: dict[str, str], log: Path) -> int:
         raise RunnerError(
             f"flwr run failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}"
         ) from None
-
-
-def follow_run(
-    run_id: int,
-    run_dir: Path,
-    env: dict[str, str],
-    on_round: ProgressFn | None = None,
-    alive: Callable[[], None] | None = None,
-    poll_s: float = 0.5,
-    status_every_s: float = 10.0,
-) -> str:
-    """Stream ``metrics.jsonl`` until the SuperLink says the run finished; its status.
-
-    ``alive`` raises when a process the run depends on died (e.g. the SuperLink).
-    """
-    seen, last_check, status = 0, 0.0, "unknown"
-    while True:
-        for row in _follow(run_dir / METRICS_FILE, seen):
-            seen += 1
-            if on_round:
-                timings = _follow(run_dir / TIMINGS_FILE, 0)
-                on_round(row, next((t for t in timings if t.get("round") == row["round"]), {}))
-        if alive is not None:
-            alive()
-        ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
-        now = time.monotonic()
-        if now - last_check > (1.0 if ended else status_every_s):
-            last_check = now
-            status = run_status(run_id, env)
-            if status.startswith("finished"):
-                for row in _follow(run_dir / METRICS_FILE, seen):
-                    seen += 1
-                    if on_round:
-                        on_round(row, {})
-                return status
-        time.sleep(poll_s)
-
-
-def failure_of(run_dir: Path) -> str | None:
-    if (run_dir / FAILURE_FILE).exists():
-        return str(json.loads((run_dir / FAILURE_FILE).read_text()).get("error"))
-    return None
 
 
 def export_device_data(run_dir: Path, device_id: int, out: Path) -> Path:

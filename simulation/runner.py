@@ -203,6 +203,48 @@ def _follow(path: Path, seen: int) -> Iterator[dict[str, object]]:
     yield from rows[seen:]
 
 
+def follow_run(
+    run_id: int,
+    run_dir: Path,
+    env: dict[str, str],
+    on_round: ProgressFn | None = None,
+    alive: Callable[[], None] | None = None,
+    poll_s: float = 0.5,
+    status_every_s: float = STATUS_POLL_S,
+) -> str:
+    """Stream ``metrics.jsonl`` until the SuperLink says the run finished; its status.
+
+    ``alive`` raises when a process the run depends on died (e.g. the SuperLink).
+    """
+    seen, last_check, status = 0, 0.0, "unknown"
+    while True:
+        for row in _follow(run_dir / METRICS_FILE, seen):
+            seen += 1
+            if on_round:
+                timings = _follow(run_dir / TIMINGS_FILE, 0)
+                on_round(row, next((t for t in timings if t.get("round") == row["round"]), {}))
+        if alive is not None:
+            alive()
+        ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
+        now = time.monotonic()
+        if now - last_check > (1.0 if ended else status_every_s):
+            last_check = now
+            status = run_status(run_id, env)
+            if status.startswith("finished"):
+                for row in _follow(run_dir / METRICS_FILE, seen):
+                    seen += 1
+                    if on_round:
+                        on_round(row, {})
+                return status
+        time.sleep(poll_s)
+
+
+def failure_of(run_dir: Path) -> str | None:
+    if (run_dir / FAILURE_FILE).exists():
+        return str(json.loads((run_dir / FAILURE_FILE).read_text()).get("error"))
+    return None
+
+
 def simulate(
     cfg: ExperimentConfig,
     run_dir: Path,
@@ -237,44 +279,18 @@ def simulate(
         procs.start(
             ["flwr", "log", str(run_id), CONNECTION, "--stream"], env, logs / "run.log", cwd=run_dir
         )
-        seen = 0
-        last_check = 0.0
-        status = "unknown"
-        while True:
-            for row in _follow(run_dir / METRICS_FILE, seen):
-                seen += 1
-                timing = next(
-                    (
-                        t
-                        for t in read_jsonl(run_dir / TIMINGS_FILE)
-                        if t.get("round") == row["round"]
-                    ),
-                    {},
-                )
-                if on_round:
-                    on_round(row, timing)
+
+        def superlink_alive() -> None:
             if link.poll() is not None:
                 raise RunnerError(
                     f"SuperLink exited unexpectedly (code {link.returncode}); see {link_log}"
                 )
-            # The ServerApp writes summary.json or failure.json as it ends; until then
-            # ask the SuperLink rarely (each `flwr ls` costs ~1 s of CPU that the
-            # devices would otherwise use), in case the ServerApp died without a word.
-            ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
-            now = time.monotonic()
-            if now - last_check > (1.0 if ended else STATUS_POLL_S):
-                last_check = now
-                status = run_status(run_id, env)
-                if status.startswith("finished"):
-                    for row in _follow(run_dir / METRICS_FILE, seen):
-                        seen += 1
-                        if on_round:
-                            on_round(row, {})
-                    break
-            time.sleep(poll_s)
-        failure = None
-        if (run_dir / FAILURE_FILE).exists():
-            failure = json.loads((run_dir / FAILURE_FILE).read_text()).get("error")
+
+        # The ServerApp writes summary.json or failure.json as it ends; until then
+        # follow_run asks the SuperLink rarely (each `flwr ls` costs ~1 s of CPU that
+        # the devices would otherwise use), in case the ServerApp died without a word.
+        status = follow_run(run_id, run_dir, env, on_round, superlink_alive, poll_s)
+        failure = failure_of(run_dir)
         return RunResult(run_id, status, time.perf_counter() - t0, run_dir, failure)
     finally:
         procs.stop_all()
