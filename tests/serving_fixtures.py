@@ -1,7 +1,7 @@
 """Shared helpers for the registry / model-server / fetch tests.
 
 Plain helpers, no fixtures (tests/conftest.py is the lead's): modules build their
-own small fixtures on ``start_server`` / ``running_servers``. The model server runs as
+own small fixtures on ``start_model_server_process`` / ``running_servers``. The model server runs as
 a real uvicorn subprocess on a free 127.0.0.1 port (bound by the child itself,
 so no port race), and every process started here is stopped by its PID.
 """
@@ -69,7 +69,7 @@ class ServerProcess:
             self.proc.stdout.close()
 
 
-def start_server(
+def start_model_server_process(
     run_dir: Path, *, token: str | None = None, memory_cache_bytes: int = 64 << 20
 ) -> ServerProcess:
     """Start ``create_app(run_dir, token)`` under uvicorn and wait for /healthz."""
@@ -115,7 +115,7 @@ def running_servers() -> Iterator[Callable[..., ServerProcess]]:
     started: list[ServerProcess] = []
 
     def start(run_dir: Path, **kwargs: object) -> ServerProcess:
-        server = start_server(run_dir, **kwargs)  # type: ignore[arg-type]
+        server = start_model_server_process(run_dir, **kwargs)  # type: ignore[arg-type]
         started.append(server)
         return server
 

@@ -25,7 +25,7 @@ from tests.serving_fixtures import (
     model_arrays,
     publish_many,
     running_servers,
-    start_server,
+    start_model_server_process,
 )
 
 API = "/v1/models/global"
@@ -45,7 +45,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     registry = Registry(run_dir / "registry")
     publish_many(registry, 1)
     registry.publish(model_arrays(1, BIG_SPEC), round=1, model=BIG_SPEC)
-    server = start_server(run_dir)
+    server = start_model_server_process(run_dir)
     yield server
     server.stop()
 

@@ -19,7 +19,7 @@ from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import negative_data_rejection  # noqa: E402
 
 from server.registry import Registry  # noqa: E402
-from tests.serving_fixtures import TOKEN, ServerProcess, publish_many, start_server  # noqa: E402
+from tests.serving_fixtures import TOKEN, ServerProcess, publish_many, start_model_server_process  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     run_dir = tmp_path_factory.mktemp("fuzz") / "run"
     publish_many(Registry(run_dir / "registry"), 3)
     (run_dir / "metrics.jsonl").write_text('{"round": 0, "accuracy": 0.5}\n')
-    server = start_server(run_dir, token=TOKEN)
+    server = start_model_server_process(run_dir, token=TOKEN)
     yield server
     server.stop()
 

@@ -22,7 +22,7 @@ from tests.serving_fixtures import (
     publish_and_kill,
     publish_many,
     running_servers,
-    start_server,
+    start_model_server_process,
 )
 
 API = "/v1/models/global"
@@ -43,7 +43,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     lines = [json.dumps({"round": r, "accuracy": 0.5 + r / 10}) for r in range(3)]
     lines.append(json.dumps({"round": 3, "loss": float("nan")}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"round": 4, "acc')
-    server = start_server(run_dir, token=TOKEN)
+    server = start_model_server_process(run_dir, token=TOKEN)
     yield server
     server.stop()
 
