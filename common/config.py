@@ -120,6 +120,27 @@ class SimulationConfig(_Section):
     empty starts a local Ray instance inside the run folder."""
     torch_threads: int = Field(1, ge=1)
     """Torch intra-op threads per ClientApp; 1 avoids oversubscribing cores."""
+    slots: int = Field(0, ge=0)
+    """Flower virtual SuperNodes, i.e. execution slots (not devices: a message to a slot
+    carries several device ids). 0 = twice the Ray workers, so every worker always has
+    the next message queued."""
+    devices_per_message: int = Field(0, ge=0)
+    """Devices trained one after another in one message (a cohort); 0 = chosen by
+    hybridfl from the round's cohort and the slots; 1 = one message per device."""
+    preaggregate: bool = False
+    """Workers return one partial weighted sum per message instead of every device's
+    update (weighted-mean strategies only: fedavg, fedprox, fedadam)."""
+    max_in_flight: int = Field(0, ge=0)
+    """Messages in flight at once (0 = one per slot): bounds the SuperLink's scan."""
+
+    def workers(self, cpu_count: int) -> int:
+        """Ray workers (ClientApp actors) this config gives on a machine of ``cpu_count``."""
+        cpus = self.max_workers if self.max_workers > 0 else cpu_count
+        return max(1, cpus // self.num_cpus_per_client)
+
+    def num_slots(self, cpu_count: int) -> int:
+        """How many Flower virtual SuperNodes a simulation starts."""
+        return self.slots if self.slots > 0 else 2 * self.workers(cpu_count)
 
 
 class EvaluationConfig(_Section):

@@ -26,6 +26,16 @@ MODEL_FILE = "final_model.safetensors"
 MANIFEST_FILE = "final_model.json"
 PLOT_FILE = "accuracy.png"
 LOG_DIR = "logs"
+REGISTRY_DIR = "registry"
+"""Every published global version (``server.registry``): what ``hybridfl serve`` serves."""
+DEVICES_FILE = "devices.jsonl"
+"""Per-device results of the latest evaluation, one JSON line per device."""
+COLD_START_FILE = "cold_start.jsonl"
+"""First-join devices: the served model's accuracy on their own test split."""
+FLWR_HOME_DIR = "flwr_home"
+"""The run's own ``FLWR_HOME`` (Flower config, SuperLink database, FABs)."""
+RAY_DIR = "ray"
+"""The run's Ray temp folder (or a symlink to a short one, see ``runner.ray_tmpdir``)."""
 
 
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
