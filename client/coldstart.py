@@ -3,7 +3,8 @@
 Why: in hybrid serving a device that joins for the first time starts from the
 model server's ``serving`` version, not from the federation's message. Measuring
 that model on the device's own test split, once, tells what a new user sees on
-day one; the device reports it with its first training reply (``cold-start-acc``).
+day one; the device reports it with its first training reply
+(``TrainReport.cold_start_acc``).
 Only real devices whose node config names a ``model-server`` do this; simulation
 is unchanged.
 """
@@ -17,33 +18,27 @@ from client.algorithms.loop import DeviceData
 
 log = logging.getLogger("hybridfl.client")
 
-COLD_START_ACC = "cold-start-acc"
-COLD_START_VERSION = "cold-start-version"
-COLD_START_FAILED = "cold-start-failed"
 CACHE_DIR = "model-cache"
 
 
 def cold_start_metrics(
     model_server: str, state_root: Path, data: DeviceData, batch_size: int
-) -> dict[str, float | int]:
+) -> dict[str, float | int | bool]:
     """Fetch ``serving`` (verified, cached under the state folder) and evaluate it.
 
-    A failed fetch never fails the training round: it is reported as
-    ``cold-start-failed`` = 1 and logged, and the device trains from the message.
+    Returns ``acc`` and ``version``, or ``failed``: a failed fetch never fails the
+    training round; it is reported and logged, and the device trains from the message.
     """
     if not model_server:
         return {}
     from client.fetch import FetchError, fetch_model, load_fetched_model
-    from common.evaluation import evaluate
+    from common.scoring import evaluate
 
     try:
         res = fetch_model(model_server, alias="serving", cache_dir=state_root / CACHE_DIR)
         model = load_fetched_model(res)
     except (FetchError, OSError, ValueError) as err:
         log.warning("cold-start fetch from %s failed: %s", model_server, err)
-        return {COLD_START_FAILED: 1}
+        return {"failed": True}
     _, acc = evaluate(model, data.x_test, data.y_test, batch_size)
-    return {COLD_START_ACC: float(acc), COLD_START_VERSION: int(res.manifest.version)}
-
-
-__all__ = ["COLD_START_ACC", "COLD_START_VERSION", "cold_start_metrics"]
+    return {"acc": float(acc), "version": int(res.manifest.version)}

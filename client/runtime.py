@@ -1,9 +1,9 @@
-"""Per-process resources of a device: its data, its state store, a model.
+"""Per-process resources of a worker: device data, state stores, one resident model.
 
-Why caches: in simulation one Ray worker process serves many devices, one
-message at a time. Loading the dataset or building the model per message would
-dominate the round time, so each process loads the dataset once (bounded caches,
-keyed by what identifies them) and only slices out the device's rows per call.
+Why caches: in simulation one Ray worker process trains many devices, several per
+message. Loading the dataset or building the model per device would dominate the
+round time, so each process loads the data source once (bounded caches, keyed by
+what identifies them) and only slices out (or generates) a device's rows per call.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from flwr.app import Context
 
 from client.algorithms.loop import DeviceData
 from client.state import PersonalStateStore
-from common.config import ExperimentConfig, load_config
-from common.data import Dataset, Partition, device_arrays, load_dataset, load_partition
+from common.config import load_config
+from common.data import DeviceSource, open_source
 from common.models import ModelSpec, SplitModel, build_model
 from common.rundir import CONFIG_FILE, PARTITION_FILE, STATE_DIR
 
@@ -37,33 +37,50 @@ class DeviceSetupError(RuntimeError):
 
 @dataclass(frozen=True)
 class DeviceEnv:
-    """Where one device's data and state live.
+    """Where the devices a node runs keep their data and state.
 
-    ``run_dir`` alone is the one-machine case (data and ``devices/`` state in the run
-    folder, as in simulation). A real device names its own ``data`` (a device data
-    file or a folder with ``config.toml`` + ``partition.npz``) and ``state_dir``.
+    A simulation node is an execution slot (``device_id`` None): each message names
+    the devices it runs, all with data and ``devices/`` state in the run folder. A real
+    device is one device: its node config names its ``device-id`` and either the run
+    folder (one machine) or its own ``data`` file/folder and ``state_dir``.
     """
 
-    device_id: int
+    device_id: int | None
     run_dir: Path | None
     data: Path | None = None
     state_dir: Path | None = None
     model_server: str = ""
     """Model server URL for the cold-start fetch (deployment only; empty: none)."""
 
+    def cohort(self, requested: list[int]) -> list[int]:
+        """The devices to run for a message that names ``requested``."""
+        if self.device_id is None:
+            if not requested:
+                raise DeviceSetupError(
+                    "a simulation message must name its devices; the server runs an "
+                    "older hybridfl than this worker"
+                )
+            return list(requested)
+        if requested and requested != [self.device_id]:
+            raise DeviceSetupError(
+                f"this node is device {self.device_id} but the message is for devices "
+                f"{requested[:5]}: check the SuperNode's --node-config device-id"
+            )
+        return [self.device_id]
+
 
 def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
-    """Map this node to its device id, its data and its personal-state folder.
+    """What this node is: a simulation slot or one real device, and where its files are.
 
-    In simulation Flower gives each node ``partition-id``; a real SuperNode is
-    started with ``device-id`` in its node config, plus ``run-dir`` (one machine) or
-    ``data`` and ``state-dir`` (its own disk). Node config wins over run config,
-    which wins over ``server_run_dir`` (the folder the ServerApp announced: what a
-    bare ``flwr run .`` in simulation has to go on).
+    A real SuperNode is started with ``device-id`` in its node config, plus ``run-dir``
+    (one machine) or ``data`` and ``state-dir`` (its own disk); a simulation node has
+    only Flower's ``partition-id`` (its slot number). Node config wins over run config,
+    which wins over ``server_run_dir`` (the folder the ServerApp announced: what a bare
+    ``flwr run .`` in simulation has to go on).
     """
     nc = context.node_config
-    raw_id = nc.get("device-id", nc.get("partition-id"))
-    if raw_id is None:
+    raw_id = nc.get("device-id")
+    if raw_id is None and nc.get("partition-id") is None:
         raise DeviceSetupError(
             "node_config has neither 'device-id' nor 'partition-id': start the "
             "SuperNode with --node-config 'device-id=K'"
@@ -78,7 +95,7 @@ def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
             "a real device needs node config 'run-dir' or both 'data' and 'state-dir'"
         )
     return DeviceEnv(
-        int(raw_id),
+        None if raw_id is None else int(raw_id),
         Path(run_dir) if run_dir else None,
         Path(data) if data else None,
         Path(state) if state else None,
@@ -87,11 +104,10 @@ def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
 
 
 @lru_cache(maxsize=2)
-def _source(run_dir: Path) -> tuple[ExperimentConfig, Dataset, Partition]:
-    cfg = load_config(run_dir / CONFIG_FILE)
-    dataset = load_dataset(cfg.data)
-    partition = load_partition(run_dir / PARTITION_FILE)
-    return cfg, dataset, partition
+def _source(folder: Path) -> DeviceSource:
+    """The run's device data, loaded once per process (a worker serves many devices)."""
+    cfg = load_config(folder / CONFIG_FILE)
+    return open_source(cfg, folder / PARTITION_FILE)
 
 
 @lru_cache(maxsize=2)
@@ -104,20 +120,14 @@ def _device_file(path: Path) -> tuple[np.ndarray, ...]:
         return tuple(z[k] for k in DEVICE_FILE_KEYS)
 
 
-def device_data(env: DeviceEnv) -> DeviceData:
-    """The device's own train/test split (sliced from the cached dataset)."""
+def device_data(env: DeviceEnv, device_id: int) -> DeviceData:
+    """One device's own train/test split (sliced from the cached source, or its file)."""
     if env.data is not None and env.data.is_file():
         x_tr, y_tr, x_te, y_te = _device_file(env.data)
     else:
-        source = env.data if env.data is not None else env.run_dir
-        assert source is not None  # device_env guarantees one of them
-        _, dataset, partition = _source(source)
-        if not 0 <= env.device_id < partition.num_devices:
-            raise DeviceSetupError(
-                f"device id {env.device_id} is outside the partition "
-                f"(0..{partition.num_devices - 1}): check partition.num_devices"
-            )
-        x_tr, y_tr, x_te, y_te = device_arrays(dataset, partition, env.device_id)
+        folder = env.data if env.data is not None else env.run_dir
+        assert folder is not None  # device_env guarantees one of them
+        x_tr, y_tr, x_te, y_te = _source(folder).device(device_id)
     return DeviceData(
         torch.from_numpy(np.ascontiguousarray(x_tr)),
         torch.from_numpy(np.ascontiguousarray(y_tr)).long(),
@@ -141,7 +151,8 @@ def device_store(env: DeviceEnv) -> PersonalStateStore:
 
 @lru_cache(maxsize=2)
 def model_for(spec_json: str) -> SplitModel:
-    """One model object per architecture per process; weights are loaded per call."""
+    """One resident model per architecture per process; every device's weights are
+    copied into it in place (``load_arrays``), so no device pays for a model build."""
     return build_model(ModelSpec.model_validate_json(spec_json))
 
 

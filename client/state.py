@@ -60,10 +60,10 @@ class PersonalStateStore:
             raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
         return PersonalState(arrays=arrays, meta=meta)
 
-    def save(self, device_id: int, state: PersonalState) -> None:
-        """Write atomically: temp file in the same folder, fsync, rename, fsync dir."""
+    def save(self, device_id: int, state: PersonalState, *, durable: bool = True) -> None:
+        """Write atomically (temp file, rename); ``durable`` adds the fsyncs."""
         blob = to_safetensors(state.arrays, metadata={_META_KEY: json.dumps(state.meta)})
-        atomic_write_bytes(self.path(device_id), blob)
+        atomic_write_bytes(self.path(device_id), blob, durable=durable)
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:

@@ -21,7 +21,11 @@ def fsync_dir(path: Path) -> None:
 
 
 def atomic_write_bytes(
-    path: Path, data: bytes, before_rename: Callable[[], None] | None = None
+    path: Path,
+    data: bytes,
+    before_rename: Callable[[], None] | None = None,
+    *,
+    durable: bool = True,
 ) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new file whole.
 
@@ -29,6 +33,9 @@ def atomic_write_bytes(
     rename, fsync the folder. A crash at any point leaves the old file intact and
     at most a hidden ``.tmp-*`` file behind. ``before_rename`` runs once the temp
     file is durable but not yet visible (crash-injection tests hook in there).
+    ``durable=False`` keeps the rename's atomicity (a reader never sees half a file)
+    but skips both fsyncs: for simulated devices' state, where a machine crash means
+    rerunning the simulation and fsync per device dominated small-model rounds.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{TMP_PREFIX}{path.name}.")
@@ -36,14 +43,16 @@ def atomic_write_bytes(
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         if before_rename is not None:
             before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -13,11 +13,28 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-DatasetName = Literal["digits", "npz", "idx", "femnist"]
+DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
 PartitionMethod = Literal["iid", "dirichlet", "pathological", "shards", "natural"]
 ModelName = Literal["logistic", "mlp2nn", "cnn"]
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+]
+"""Flower strategies (``server.aggregation.STRATEGIES`` builds each; a test checks both agree)."""
 AlgorithmName = Literal["fedavg", "fedprox", "fedper", "fedrep", "fedbn", "ditto", "apfl"]
+"""Personalization algorithms (``common.personalization.ALGORITHMS`` declares what each keeps)."""
+
+
+AUTO_ALL_LIMIT = 1000
+"""Populations up to this size evaluate every device by default; larger ones a sample."""
 
 
 class ConfigError(ValueError):
@@ -35,10 +52,14 @@ class DataConfig(_Section):
     path: str = ""
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     """Share of each device's samples kept as that device's own test split."""
+    synthetic_alpha: float = Field(1.0, ge=0.0)
+    """Synthetic(alpha, beta) (Li et al., FedProx): how much devices' models differ."""
+    synthetic_beta: float = Field(1.0, ge=0.0)
+    """Synthetic(alpha, beta): how much devices' feature distributions differ."""
 
     @model_validator(mode="after")
     def _path_needed(self) -> DataConfig:
-        if self.dataset != "digits" and not self.path:
+        if self.dataset not in ("digits", "synthetic") and not self.path:
             raise ValueError(
                 f"data.path is required for dataset '{self.dataset}': set it to the "
                 "file or folder to load (e.g. --set data.path=../shared/data/mnist.npz)"
@@ -77,10 +98,12 @@ class StrategyConfig(_Section):
     name: StrategyName = "fedavg"
     fraction_train: float = Field(0.5, gt=0.0, le=1.0)
     min_train_devices: int = Field(1, ge=1)
-    proximal_mu: float = Field(0.01, ge=0.0)
-    """FedProx: strength of the proximal term sent to the devices."""
     server_lr: float = Field(0.01, gt=0.0)
-    """FedAdam: server learning rate (eta)."""
+    """FedAdam/FedYogi/FedAdagrad: server learning rate (eta); FedAvgM: server lr."""
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    """FedAvgM: server momentum."""
+    num_malicious: int = Field(0, ge=0)
+    """Krum/MultiKrum: number of malicious devices assumed per round."""
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     """FedTrimmedAvg: fraction cut from each end before averaging."""
     round_timeout_s: float = Field(600.0, gt=0.0)
@@ -96,7 +119,8 @@ class ClientConfig(_Section):
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
     weight_decay: float = Field(0.0, ge=0.0)
     proximal_mu: float = Field(0.01, ge=0.0)
-    """fedprox: strength of the proximal term (mu/2)||w - w_global||^2."""
+    """fedprox: strength of the proximal term (mu/2)||w - w_global||^2 (the one
+    declaration: ``strategy.name = "fedprox"`` uses it too)."""
     head_epochs: int = Field(1, ge=1)
     """fedrep: epochs of head-only training before the body is trained."""
     ditto_lambda: float = Field(0.1, ge=0.0)
@@ -156,9 +180,14 @@ class EvaluationConfig(_Section):
     every: int = Field(1, ge=1)
     """Evaluate every k rounds (the last round is always evaluated)."""
     batch_size: int = Field(512, ge=1)
-    devices: Literal["participants", "all"] = "all"
+    devices: Literal["auto", "participants", "all", "sample"] = "auto"
     """Which training devices are evaluated: ``participants`` (those that trained this
-    round) or ``all``; held-out devices are always evaluated."""
+    round), ``all``, or ``sample`` (a seeded sample of ``sample_devices`` per evaluation);
+    ``auto`` is ``all`` up to ``AUTO_ALL_LIMIT`` devices and ``sample`` above. Held-out
+    devices are evaluated every time (a seeded sample of them above the same limit)."""
+    sample_devices: int = Field(100, ge=1)
+    """Devices per evaluation under ``devices = "sample"`` (and for held-out devices in
+    large populations)."""
     finetune_steps: int = Field(5, ge=0)
     """Minibatch SGD steps of the fine-tuned model (batch size = client.batch_size);
     0 skips fine-tuning (no finetuned accuracy is reported)."""
@@ -166,6 +195,12 @@ class EvaluationConfig(_Section):
     """Learning rate of the fine-tune; 0 uses client.lr."""
     holdout_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of devices held out: never sampled for training, evaluated every time."""
+
+    def mode(self, num_devices: int) -> Literal["participants", "all", "sample"]:
+        """``devices`` with ``auto`` resolved for a population of ``num_devices``."""
+        if self.devices != "auto":
+            return self.devices
+        return "all" if num_devices <= AUTO_ALL_LIMIT else "sample"
 
     def num_holdout(self, num_devices: int) -> int:
         """How many of ``num_devices`` are held out (at least one when the fraction is > 0)."""
@@ -187,7 +222,8 @@ class OutputConfig(_Section):
 class ExperimentConfig(_Section):
     """A whole experiment. Sections mirror the TOML tables."""
 
-    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]+$")
+    name: str = Field("run", pattern=r"^[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*$")
+    """Run-folder name: letters, digits, ``_.-``; not ``.`` or ``..``."""
     seed: int = Field(0, ge=0)
     rounds: int = Field(10, ge=1)
     data: DataConfig = DataConfig()
@@ -201,7 +237,7 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
-        if self.partition.method == "natural" and self.data.dataset != "femnist":
+        if self.partition.method == "natural" and self.data.dataset not in ("femnist", "synthetic"):
             raise ValueError(
                 "partition.method = 'natural' needs data with writer ids: set "
                 "data.dataset = 'femnist' or choose iid/dirichlet/pathological/shards"
@@ -218,6 +254,23 @@ class ExperimentConfig(_Section):
                 f"client.algorithm = '{self.client.algorithm}' keeps the head on the device, "
                 "and the logistic model is all head (nothing would be shared): set "
                 "model.name = 'mlp2nn' or 'cnn'"
+            )
+        if self.strategy.name == "fedprox" and self.client.algorithm != "fedprox":
+            raise ValueError(
+                "strategy.name = 'fedprox' is FedAvg aggregation for devices that train with "
+                f"a proximal term, but client.algorithm = '{self.client.algorithm}' has none: "
+                "set client.algorithm = 'fedprox' (mu is client.proximal_mu) or "
+                "strategy.name = 'fedavg'"
+            )
+        if self.data.dataset == "synthetic" and self.model.name == "cnn":
+            raise ValueError(
+                "data.dataset = 'synthetic' has 60 features, not images: set "
+                "model.name = 'logistic' or 'mlp2nn'"
+            )
+        if self.data.dataset == "synthetic" and self.partition.method != "natural":
+            raise ValueError(
+                "data.dataset = 'synthetic' is generated per device (its split is natural): "
+                "set partition.method = 'natural'"
             )
         if self.strategy.min_train_devices > self.partition.num_devices:
             raise ValueError(
@@ -301,7 +354,11 @@ def load_config(
     if not p.is_file():
         raise ConfigError(f"config file not found: {p} (expected a TOML experiment file)")
     try:
-        raw = tomllib.loads(p.read_text())
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {err.start}): save it as UTF-8 TOML"
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file {p} is not valid TOML: {err}") from None
     raw = apply_overrides(raw, overrides or [])

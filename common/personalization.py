@@ -1,15 +1,31 @@
-"""Which weights stay on a device, by algorithm: one answer for server and device.
+"""What each algorithm keeps on the device: one declaration for server and device.
 
-The server must know what to expect back (to validate updates and to aggregate
-only shared weights); the device must know what never to send. Deciding it in
-one place keeps the two from drifting apart.
+The server must know what to expect back (to validate updates and aggregate only
+shared weights); the device must know what never to send. Each algorithm declares
+its rule here, once; the device's ``Algorithm`` class takes its spec from this
+table and the server looks it up by the configured name, so there is no string
+branch to drift apart (a test checks this table, the config's names and the
+device's registry agree).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 HEAD_PREFIX = "head."
+
+KeepRule = Callable[[list[str]], set[str]]
+"""State-dict keys -> the keys that stay on the device."""
+
+
+def keep_nothing(keys: list[str]) -> set[str]:
+    return set()
+
+
+def keep_head(keys: list[str]) -> set[str]:
+    """The classifier head (``head.*``): FedPer and FedRep share the body only."""
+    return {k for k in keys if k.startswith(HEAD_PREFIX)}
 
 
 def batchnorm_keys(keys: Iterable[str]) -> set[str]:
@@ -19,14 +35,45 @@ def batchnorm_keys(keys: Iterable[str]) -> set[str]:
     return {k for k in keys if k.rsplit(".", 1)[0] in layers}
 
 
+@dataclass(frozen=True)
+class AlgorithmSpec:
+    """What the server and the device both need to know of an algorithm."""
+
+    name: str
+    keeps: KeepRule
+    """Which weights never leave the device."""
+    proximal: bool = False
+    """Whether local training adds FedProx's (mu/2)||w - w_global||^2 (``client.proximal_mu``)."""
+    needs_head: bool = False
+    """Keeps the head personal, so a model that is all head (logistic) shares nothing."""
+
+
+ALGORITHMS: dict[str, AlgorithmSpec] = {
+    s.name: s
+    for s in (
+        AlgorithmSpec("fedavg", keep_nothing),
+        AlgorithmSpec("fedprox", keep_nothing, proximal=True),
+        AlgorithmSpec("fedper", keep_head, needs_head=True),
+        AlgorithmSpec("fedrep", keep_head, needs_head=True),
+        AlgorithmSpec("fedbn", batchnorm_keys),
+        AlgorithmSpec("ditto", keep_nothing),
+        AlgorithmSpec("apfl", keep_nothing),
+    )
+}
+
+
+def algorithm_spec(name: str) -> AlgorithmSpec:
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown client.algorithm '{name}': choose one of {sorted(ALGORITHMS)}"
+        ) from None
+
+
 def personal_keys(algorithm: str, keys: Iterable[str]) -> set[str]:
     """Keys that ``algorithm`` keeps on the device and never sends."""
-    keys = list(keys)
-    if algorithm in ("fedper", "fedrep"):
-        return {k for k in keys if k.startswith(HEAD_PREFIX)}
-    if algorithm == "fedbn":
-        return batchnorm_keys(keys)
-    return set()
+    return algorithm_spec(algorithm).keeps(list(keys))
 
 
 def shared_keys(algorithm: str, keys: Iterable[str]) -> set[str]:

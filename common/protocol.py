@@ -1,66 +1,167 @@
-"""What the server tells a device each round, as one typed record.
+"""What travels between server and devices: one typed task out, one typed reply back.
 
-Why: a real device never sees the server's config file. Everything it needs to
-train (hyper-parameters, round, seed, model architecture) travels in the
-message's ConfigRecord, validated on both ends by this one schema.
+Why: a real device never sees the server's config file, so everything it needs to
+train travels in the message. The algorithm's settings are not re-declared here:
+the task *embeds* the config's ``client`` and ``evaluation`` sections, so the value
+a device trains with is, by construction, the value the user set (``task_for`` is
+the one place a task is derived from the config).
+
+A message may carry several devices (a *cohort*: simulation trains them one after
+another on one resident model); the reply carries each device's update as one row
+of stacked arrays plus a typed report per device, or, with ``preaggregate``, one
+partial weighted sum. Reports hold scalars only, never samples or labels.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.models import ModelSpec
+from common.config import ClientConfig, EvaluationConfig, ExperimentConfig
 
 CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
+REPORT_KEY = "report"
+TASK_FIELD = "task"
+"""The ConfigRecord field holding the task as JSON (a ConfigRecord holds flat values)."""
+REPLY_FIELD = "reply"
 QUERY_HELLO = "hello"
+WEIGHT_KEY = "num-examples"
+"""The MetricRecord key Flower strategies weight by (we set it from what the server knows)."""
+
+Kind = Literal["train", "evaluate"]
 
 
-class RoundInstructions(BaseModel):
-    """Per-round instructions for a device (flat, so it fits a ConfigRecord)."""
-
+class _Wire(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RoundInstructions(_Wire):
+    """One message's task: which devices, which round, and the settings to use."""
 
     round: int = Field(ge=0)
     seed: int = Field(ge=0)
-    algorithm: str
     model_spec: str
-    """``ModelSpec`` as JSON (a ConfigRecord holds flat values only)."""
-    local_epochs: int = Field(1, ge=1)
-    batch_size: int = Field(10, ge=1)
-    lr: float = Field(0.05, gt=0)
-    momentum: float = Field(0.0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    proximal_mu: float = Field(0.0, ge=0)
-    head_epochs: int = Field(1, ge=1)
-    ditto_lambda: float = Field(0.0, ge=0)
-    apfl_alpha: float = Field(0.5, ge=0, le=1)
-    apfl_alpha_lr: float = Field(0.01, ge=0)
-    eval_batch_size: int = Field(512, ge=1)
-    finetune_steps: int = Field(0, ge=0)
-    """Evaluation: SGD steps of the fine-tuned global model (0: no fine-tune)."""
-    finetune_lr: float = Field(0.0, ge=0)
-    """Evaluation: fine-tune learning rate; 0 uses ``lr``."""
+    """``ModelSpec`` as JSON."""
+    client: ClientConfig
+    evaluation: EvaluationConfig
     torch_threads: int = Field(1, ge=1)
     run_dir: str = ""
-    """The server's run folder; devices in a simulation without their own
-    ``run-dir`` (a bare ``flwr run .``) find their data there."""
+    """The server's run folder; simulation devices find their data there."""
+    devices: list[int] = Field(default_factory=list)
+    """The cohort, in device-id order; empty for a real device (it is one device)."""
+    durable_state: bool = True
+    """fsync personal state (a real device's disk); simulation skips it: a crashed
+    simulation is rerun, and fsync per device dominated small-model rounds."""
+    preaggregate: bool = False
+    """Reply with one weighted sum of the cohort's updates instead of each update."""
 
     @property
-    def spec(self) -> ModelSpec:
-        return ModelSpec.model_validate_json(self.model_spec)
+    def algorithm(self) -> str:
+        return self.client.algorithm
 
-    def to_flat(self) -> dict[str, Any]:
-        return self.model_dump()
+    def to_record_fields(self) -> dict[str, Any]:
+        return {TASK_FIELD: self.model_dump_json()}
 
     @classmethod
-    def from_flat(cls, record: Any) -> RoundInstructions:
-        """Decode a ConfigRecord; keys added by a Flower strategy are mapped or dropped."""
-        data = dict(record)
-        if "proximal-mu" in data:  # FedProx strategy's key
-            data["proximal_mu"] = float(data.pop("proximal-mu"))
-        known = set(cls.model_fields)
-        return cls.model_validate({k: v for k, v in data.items() if k in known})
+    def from_record_fields(cls, record: Any) -> RoundInstructions:
+        try:
+            text = record[TASK_FIELD]
+        except KeyError:
+            raise ValueError(
+                f"message config lacks '{TASK_FIELD}': the server and this device run "
+                "different hybridfl versions"
+            ) from None
+        return cls.model_validate_json(str(text))
+
+
+def task_for(
+    cfg: ExperimentConfig,
+    round_: int,
+    model_spec_json: str,
+    run_dir: str,
+    devices: list[int] | None = None,
+    *,
+    durable_state: bool = True,
+    preaggregate: bool = False,
+) -> RoundInstructions:
+    """The one place a device task is derived from the experiment config."""
+    return RoundInstructions(
+        round=round_,
+        seed=cfg.seed,
+        model_spec=model_spec_json,
+        client=cfg.client,
+        evaluation=cfg.evaluation,
+        torch_threads=cfg.simulation.torch_threads,
+        run_dir=run_dir,
+        devices=list(devices or []),
+        durable_state=durable_state,
+        preaggregate=preaggregate,
+    )
+
+
+class TrainReport(_Wire):
+    """One device's training result: scalars only."""
+
+    device: int
+    num_examples: int = Field(ge=0)
+    """Training samples the device used (the server checks it against what it knows)."""
+    train_loss: float
+    steps: int = Field(ge=0)
+    personal_loss: float | None = None
+    """Ditto: loss of the personal model's own objective."""
+    apfl_alpha: float | None = None
+    update_norm: float | None = None
+    """L2 norm of (update - global) over the shared arrays."""
+    valid: bool = True
+    """Pre-aggregation only: whether the worker found the update finite (else excluded)."""
+    train_time_s: float = 0.0
+    """Wall-clock seconds on the worker (recorded in timings, not in metrics)."""
+    cold_start_acc: float | None = None
+    """First join of a real device: the served model's accuracy on its test split."""
+    cold_start_version: int | None = None
+    cold_start_failed: bool = False
+
+
+class EvalReport(_Wire):
+    """One device's evaluation: served, personalized and fine-tuned model, same examples."""
+
+    device: int
+    num_test: int = Field(ge=0)
+    num_train: int = Field(ge=0)
+    has_personal: bool
+    global_acc: float
+    global_loss: float
+    personal_acc: float
+    personal_loss: float
+    finetuned_acc: float | None = None
+    finetuned_loss: float | None = None
+    finetune_train_loss: float | None = None
+    finetune_steps: int | None = None
+
+
+class DeviceFailure(_Wire):
+    device: int
+    reason: str
+
+
+class CohortReply(_Wire):
+    """The typed part of a reply; arrays travel beside it in the ArrayRecord."""
+
+    kind: Kind
+    train: list[TrainReport] = Field(default_factory=list)
+    """In the order of the stacked arrays' first axis."""
+    evaluate: list[EvalReport] = Field(default_factory=list)
+    failures: list[DeviceFailure] = Field(default_factory=list)
+    layout: Literal["stacked", "sum", "none"] = "none"
+    """``stacked``: each array has one row per ``train`` report; ``sum``: one float64
+    sum of ``weight * update`` over the valid reports (weights = ``num_examples``)."""
+    weight_total: float = 0.0
+
+    def to_record_fields(self) -> dict[str, Any]:
+        return {REPLY_FIELD: self.model_dump_json()}
+
+    @classmethod
+    def from_record_fields(cls, record: Any) -> CohortReply:
+        return cls.model_validate_json(str(record[REPLY_FIELD]))

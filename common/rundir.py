@@ -10,9 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from common.atomic import atomic_write_text
 from common.config import ExperimentConfig, dump_config
-from common.data import build_partition, load_dataset, partition_stats, save_partition
+from common.data import (
+    build_partition,
+    load_dataset,
+    open_source,
+    partition_stats,
+    save_partition,
+)
 
 CONFIG_FILE = "config.toml"
 PARTITION_FILE = "partition.npz"
@@ -49,12 +57,32 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
         cfg = cfg.model_copy(update={"data": data})
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    if cfg.data.dataset == "synthetic":
+        stats = synthetic_stats(cfg)
+        atomic_write_text(run_dir / PARTITION_STATS_FILE, json.dumps(stats, indent=1) + "\n")
+        return stats
     dataset = load_dataset(cfg.data)
     partition = build_partition(dataset, cfg)
     save_partition(partition, run_dir / PARTITION_FILE)
     stats = partition_stats(dataset, partition)
     atomic_write_text(run_dir / PARTITION_STATS_FILE, json.dumps(stats, indent=1) + "\n")
     return stats
+
+
+def synthetic_stats(cfg: ExperimentConfig) -> dict[str, object]:
+    """Population summary of a synthetic run (no per-device list: it may be millions)."""
+    sizes = open_source(cfg, None).train_sizes()
+    return {
+        "method": "synthetic",
+        "summary": {
+            "num_devices": int(sizes.size),
+            "min_train": int(sizes.min()),
+            "median_train": float(np.median(sizes)),
+            "max_train": int(sizes.max()),
+            "total_train": int(sizes.sum()),
+            "mean_classes_per_device": 0.0,
+        },
+    }
 
 
 def read_jsonl(path: Path) -> list[dict[str, object]]:

@@ -9,11 +9,13 @@ whatever order the simulation engine happens to run them in.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "partition": 4, "eval": 5}
+_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "eval-sample": 10}
+"""Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 
 
 def derive_seed(seed: int, purpose: str, round_: int = 0, device: int = 0) -> int:
@@ -33,11 +35,21 @@ def torch_generator(seed: int, purpose: str, round_: int = 0, device: int = 0) -
 
 
 def sample_devices(
-    seed: int, round_: int, device_ids: list[int], fraction: float, minimum: int
+    seed: int,
+    round_: int,
+    device_ids: Sequence[int] | np.ndarray,
+    fraction: float,
+    minimum: int,
+    purpose: str = "sampling",
 ) -> list[int]:
-    """Pick this round's devices: a seeded subset, returned in device-id order."""
-    ids = sorted(device_ids)
-    k = min(len(ids), max(minimum, round(fraction * len(ids))))
-    rng = numpy_rng(seed, "sampling", round_)
-    chosen = rng.choice(len(ids), size=k, replace=False)
-    return sorted(ids[i] for i in chosen)
+    """Pick a seeded subset of ``fraction`` (at least ``minimum``), in device-id order.
+
+    Seeded by (seed, purpose, round) over the sorted ids, so the choice never depends
+    on the order devices were listed in; ``choice`` without replacement costs O(k) for
+    k << n, so a million-device pool costs what a small one does.
+    """
+    ids = np.sort(np.asarray(device_ids, dtype=np.int64))
+    k = min(int(ids.size), max(minimum, round(fraction * ids.size)))
+    rng = numpy_rng(seed, purpose, round_)
+    chosen = rng.choice(int(ids.size), size=k, replace=False)
+    return sorted(int(ids[i]) for i in chosen)

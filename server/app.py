@@ -19,25 +19,31 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.config import default_config_path, load_config
-from common.data import load_dataset
+from common.data import open_source
 from common.models import ModelSpec
+from common.rows import read_rows
 from common.rundir import (
     CONFIG_FILE,
     FAILURE_FILE,
     MANIFEST_FILE,
     METRICS_FILE,
     MODEL_FILE,
+    PARTITION_FILE,
+    REGISTRY_DIR,
     SUMMARY_FILE,
     prepare_run_dir,
-    read_jsonl,
 )
 from common.weights import Arrays, sha256_hex, to_safetensors
-from server.loop import ServerLoop, manifest
+from server.loop import ServerLoop
 from server.registry import Registry
 from server.summary import summarize
 
 log = logging.getLogger("hybridfl.server")
 app = ServerApp()
+
+POPULATION_KEY = "population"
+"""Run-config key: ``partition`` (simulation: devices come from the data, Flower nodes
+are execution slots) or ``nodes`` (deployment: one registered SuperNode per device)."""
 
 
 def resolve_run_dir(run_config: dict[str, object]) -> Path:
@@ -61,15 +67,24 @@ def resolve_run_dir(run_config: dict[str, object]) -> Path:
 
 
 def save_final_model(loop: ServerLoop, run_dir: Path) -> str:
+    """The final global weights and their manifest (counted like a registry version:
+    every value of every array, batch-norm statistics included)."""
     blob = to_safetensors(loop.global_arrays)
     digest = sha256_hex(blob)
     atomic_write_bytes(run_dir / MODEL_FILE, blob)
-    text = manifest(loop.spec, loop.cfg.rounds, digest, loop.last_metrics)
+    text = json.dumps(
+        {
+            "round": loop.cfg.rounds,
+            "sha256": digest,
+            "parameter_count": int(sum(a.size for a in loop.global_arrays.values())),
+            "model": loop.spec.model_dump(),
+            "metrics": loop.last_metrics,
+        },
+        indent=1,
+        sort_keys=True,
+    )
     atomic_write_text(run_dir / MANIFEST_FILE, text + "\n")
     return digest
-
-
-REGISTRY_DIR = "registry"
 
 
 def registry_publisher(
@@ -97,14 +112,15 @@ def main(grid: Grid, context: Context) -> None:
     try:
         (run_dir / FAILURE_FILE).unlink(missing_ok=True)
         cfg = load_config(run_dir / CONFIG_FILE)
-        dataset = load_dataset(cfg.data)
-        loop = ServerLoop(grid, cfg, run_dir, dataset)
+        source = open_source(cfg, run_dir / PARTITION_FILE)
+        population = str(context.run_config.get(POPULATION_KEY, "") or "partition")
+        loop = ServerLoop(grid, cfg, run_dir, source, population=population)
         loop.on_version = registry_publisher(
             run_dir, loop.spec, cfg.rounds, cfg.output.publish_every
         )
         loop.run()
         digest = save_final_model(loop, run_dir)
-        summary = summarize(read_jsonl(run_dir / METRICS_FILE))
+        summary = summarize(read_rows(run_dir / METRICS_FILE))
         summary.update({"model_sha256": digest, "server_wall_s": time.perf_counter() - t0})
         atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     except Exception as err:

@@ -10,82 +10,86 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from common.rows import DeviceSummary, Distribution, HoldoutSummary, RoundRow
+
 LAST_LABEL = "last evaluated round (quote this one)"
 BEST_NOTE = "best round by {} over all evaluations: a test-set maximum, which flatters"
 
 
-def _wmean(section: dict[str, Any] | None, key: str) -> float | None:
-    """The sample-weighted mean of ``section[key]``, or None when not measured."""
-    return ((section or {}).get(key) or {}).get("weighted_mean")
+def _wmean(dist: Distribution | None) -> float | None:
+    """The sample-weighted mean of a distribution, or None when not measured."""
+    return None if dist is None else dist.weighted_mean
 
 
-def _headline(row: dict[str, Any], label: str) -> dict[str, Any]:
+def _headline(row: RoundRow, label: str) -> dict[str, Any]:
     """The numbers a reader compares, from one evaluated metrics row."""
-    dev = row.get("devices") or {}
-    held = row.get("holdout") or {}
+    dev = row.devices or DeviceSummary(num_devices=0)
+    held = row.holdout or HoldoutSummary(num_devices=0)
     return {
         "label": label,
-        "round": row["round"],
-        "global_test_acc": row.get("global_test_acc"),
-        "num_devices": dev.get("num_devices"),
-        "device_global_acc": _wmean(dev, "global_acc"),
-        "device_personal_acc": _wmean(dev, "personal_acc"),
-        "device_finetuned_acc": _wmean(dev, "finetuned_acc"),
-        "device_gain": _wmean(dev, "gain"),
-        "device_gain_p10": (dev.get("gain") or {}).get("p10"),
-        "share_personal_worse": dev.get("share_personal_worse"),
-        "share_finetuned_worse": dev.get("share_finetuned_worse"),
-        "holdout_num_devices": held.get("num_devices"),
-        "holdout_global_acc": _wmean(held, "global_acc"),
-        "holdout_finetuned_acc": _wmean(held, "finetuned_acc"),
+        "round": row.round,
+        "global_test_acc": row.global_test_acc,
+        "num_devices": dev.num_devices if row.devices else None,
+        "device_global_acc": _wmean(dev.global_acc),
+        "device_personal_acc": _wmean(dev.personal_acc),
+        "device_finetuned_acc": _wmean(dev.finetuned_acc),
+        "device_gain": _wmean(dev.gain),
+        "device_gain_p10": dev.gain.p10 if dev.gain else None,
+        "share_personal_worse": dev.share_personal_worse,
+        "share_finetuned_worse": dev.share_finetuned_worse,
+        "holdout_num_devices": held.num_devices if row.holdout else None,
+        "holdout_global_acc": _wmean(held.global_acc),
+        "holdout_finetuned_acc": _wmean(held.finetuned_acc),
     }
 
 
 def _best(
-    rows: Sequence[dict[str, Any]], name: str, key: Callable[[dict[str, Any]], float | None]
+    rows: Sequence[RoundRow], name: str, key: Callable[[RoundRow], float | None]
 ) -> dict[str, Any] | None:
     """The earliest row with the highest ``key`` (rows without a value are skipped)."""
-    scored = [(v, -int(r["round"]), r) for r in rows if (v := key(r)) is not None]
+    scored = [(v, -r.round, r) for r in rows if (v := key(r)) is not None]
     if not scored:
         return None
     _, _, row = max(scored, key=lambda t: (t[0], t[1]))
     return _headline(row, BEST_NOTE.format(name))
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def summarize(rows: Sequence[RoundRow]) -> dict[str, Any]:
     """Totals (bytes, failures) plus the last and best evaluated rounds, labelled."""
-    evaluated = [r for r in rows if r.get("evaluated")]
-    updates = sum(int(r.get("num_updates", 0)) for r in rows)
-    sampled = sum(int(r.get("num_sampled", 0)) for r in rows)
-    bytes_up = sum(float(r.get("bytes_up", 0)) for r in rows)
-    bytes_down = sum(float(r.get("bytes_down", 0)) for r in rows)
+    evaluated = [r for r in rows if r.evaluated]
+    updates = sum(r.num_updates for r in rows)
+    sampled = sum(r.num_sampled for r in rows)
+    bytes_up = sum(r.bytes_up for r in rows)
+    bytes_down = sum(r.bytes_down for r in rows)
     out: dict[str, Any] = {
         "rounds": len(rows),
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
-        "eval_bytes_down": sum(float(r.get("eval_bytes_down", 0)) for r in rows),
+        "eval_bytes_down": sum(r.eval_bytes_down or 0.0 for r in rows),
         "bytes_up_per_update": bytes_up / updates if updates else None,
         "bytes_down_per_sampled_device": bytes_down / sampled if sampled else None,
+        "num_sampled": sampled,
         "num_updates": updates,
-        "failed_updates": sum(int(r.get("num_failed", 0)) for r in rows),
-        "rejected_updates": sum(int(r.get("num_rejected", 0)) for r in rows),
+        "failed_updates": sum(r.num_failed for r in rows),
+        "rejected_updates": sum(r.num_rejected for r in rows),
+        "eval_failed": sum(r.eval_failed or 0 for r in rows),
     }
     if not evaluated:
         return out
     out["last"] = _headline(evaluated[-1], LAST_LABEL)
-    candidates = {
-        "best_global": ("global test accuracy", lambda r: r.get("global_test_acc")),
+    candidates: dict[str, tuple[str, Callable[[RoundRow], float | None]]] = {
+        "best_global": ("global test accuracy", lambda r: r.global_test_acc),
         "best_personal": (
             "device personalized accuracy",
-            lambda r: _wmean(r.get("devices"), "personal_acc"),
+            lambda r: _wmean(r.devices.personal_acc) if r.devices else None,
         ),
         "best_finetuned": (
             "device fine-tuned accuracy",
-            lambda r: _wmean(r.get("devices"), "finetuned_acc"),
+            lambda r: _wmean(r.devices.finetuned_acc) if r.devices else None,
         ),
         "best_holdout_finetuned": (
             "held-out fine-tuned accuracy",
-            lambda r: _wmean(r.get("holdout"), "finetuned_acc"),
+            lambda r: _wmean(r.holdout.finetuned_acc) if r.holdout else None,
         ),
     }
     for key, (name, score) in candidates.items():

@@ -2,8 +2,9 @@
 
 For testing the server's round logic (validation, aggregation order, evaluation)
 without Ray: the ClientApp, the data and the personal-state store are the real
-ones; only the transport is skipped. A ``tamper`` hook can replace a device's
-reply, to play a faulty or malicious device.
+ones; only the transport is skipped. A ``tamper`` hook can replace a node's
+reply (its argument is the node's slot or device number), to play a faulty or
+malicious device.
 """
 
 from __future__ import annotations
@@ -21,16 +22,25 @@ Tamper = Callable[[int, Message, Message], Message | None]
 
 
 class InProcessGrid(Grid):
-    def __init__(self, run_dir: Path, num_devices: int, tamper: Tamper | None = None) -> None:
+    """``num_nodes`` simulation slots (``partition-id``), or, with ``devices=True``, one
+    real device per node (``device-id``), as a deployment's SuperNodes are."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        num_nodes: int,
+        tamper: Tamper | None = None,
+        *,
+        devices: bool = False,
+    ) -> None:
         self.run_dir = run_dir
-        self.nodes = {1000 + d: d for d in range(num_devices)}
+        self.nodes = {1000 + d: d for d in range(num_nodes)}
+        self.node_key = "device-id" if devices else "partition-id"
         self.tamper = tamper
         self.sent: list[Message] = []
         self.replies: list[Message] = []
-        # What Flower's runtime sets in the ServerApp/ClientApp process.
-        TaskIdentity.run_id = 1
-        TaskIdentity.node_id = 1
-        TaskIdentity.task_id = 1
+        self._ready: dict[str, Message] = {}
+        _identity()
 
     def set_run(self, run: object) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -45,32 +55,44 @@ class InProcessGrid(Grid):
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
 
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
+    def _deliver(self, msg: Message) -> Message | None:
+        node = msg.metadata.dst_node_id
+        _identity()
+        run_config = {"run-dir": str(self.run_dir)}
+        ctx = Context(1, node, {self.node_key: self.nodes[node]}, RecordDict(), run_config)
+        try:
+            reply = client_app(msg, ctx)
+        except Exception as err:  # the real runtime turns exceptions into error replies
+            reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+        if self.tamper is not None:
+            reply = self.tamper(self.nodes[node], msg, reply) or reply
+        self.sent.append(msg)
+        if reply is not None:
+            self.replies.append(reply)
+        return reply
 
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
-        raise NotImplementedError
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = msg.object_id  # as Flower's push does
+            reply = self._deliver(msg)
+            if reply is not None:
+                self._ready[msg.metadata.message_id] = reply
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._ready.pop(i) for i in list(message_ids) if i in self._ready]
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
-        out = []
-        for msg in messages:
-            node = msg.metadata.dst_node_id
-            device = self.nodes[node]
-            TaskIdentity.run_id = 1
-            TaskIdentity.node_id = 1
-            TaskIdentity.task_id = 1
-            run_config = {"run-dir": str(self.run_dir)}
-            ctx = Context(1, node, {"partition-id": device}, RecordDict(), run_config)
-            try:
-                reply = client_app(msg, ctx)
-            except Exception as err:  # the real runtime turns exceptions into error replies
-                reply = Message(Error(code=1, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
-            if self.tamper is not None:
-                reply = self.tamper(device, msg, reply) or reply
-            self.sent.append(msg)
-            if reply is not None:
-                out.append(reply)
-        self.replies.extend(out)
+        out = [r for m in messages if (r := self._deliver(m)) is not None]
         return out
+
+
+def _identity() -> None:
+    """What Flower's runtime sets in the ServerApp/ClientApp process."""
+    TaskIdentity.run_id = 1
+    TaskIdentity.node_id = 1
+    TaskIdentity.task_id = 1

@@ -1,21 +1,34 @@
-"""The server's round loop: bad updates are rejected with a reason and never aggregated."""
+"""The server's round loop over the real ClientApp (in-process transport).
+
+Bad updates are rejected with a reason and never aggregated; the population comes
+from the partition without any message; cohorts and pre-aggregation give the same
+model as one device per message; every knob a user sets is what devices train with.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import pytest
-from flwr.app import Error, Message, RecordDict
+from flwr.app import ConfigRecord, Error, Message, RecordDict
 
-from common.config import load_config
-from common.data import load_dataset
-from common.protocol import ARRAYS_KEY, METRICS_KEY
+from client.algorithms import ALGORITHMS as DEVICE_ALGORITHMS
+from common.config import AlgorithmName, ClientConfig, ConfigError, StrategyName, load_config
+from common.data import open_source
+from common.personalization import ALGORITHMS
+from common.protocol import ARRAYS_KEY, CONFIG_KEY, REPORT_KEY, CohortReply, RoundInstructions
 from common.records import from_record, to_record
-from common.rundir import METRICS_FILE, prepare_run_dir
+from common.rundir import METRICS_FILE, PARTITION_FILE, prepare_run_dir
+from server.aggregation import STRATEGIES, AggregationError
 from server.loop import RunFailed, ServerLoop
+from server.population import PopulationError
 from tests.inprocess_grid import InProcessGrid
+
+Edit = Callable[[int, dict[str, np.ndarray]], dict[str, np.ndarray] | str | None]
 
 
 def _setup(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
@@ -30,70 +43,173 @@ def _setup(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
         ],
     )
     prepare_run_dir(cfg, tmp_path)
-    return cfg, load_dataset(cfg.data)
+    return cfg, open_source(cfg, tmp_path / PARTITION_FILE)
 
 
-def _replace_arrays(msg: Message, reply: Message, fn) -> Message:  # type: ignore[no-untyped-def]
-    arrays = from_record(reply.content[ARRAYS_KEY])
-    arrays = fn(arrays)
-    content = RecordDict({ARRAYS_KEY: to_record(arrays), METRICS_KEY: reply.content[METRICS_KEY]})
-    return Message(content, reply_to=msg)
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
+
+
+def edit_train(edit: Edit):  # type: ignore[no-untyped-def]
+    """A tamper hook that rewrites chosen devices' updates inside a cohort reply
+    (an ``edit`` returning a string turns that device into a failure)."""
+
+    def tamper(node: int, msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type != "train" or reply.has_error():
+            return None
+        body = CohortReply.from_record_fields(reply.content[REPORT_KEY])
+        arrays = from_record(reply.content[ARRAYS_KEY])
+        rows, reports, failures = [], [], list(body.failures)
+        for i, r in enumerate(body.train):
+            row = {k: v[i] for k, v in arrays.items()}
+            new = edit(r.device, row)
+            if isinstance(new, str):
+                failures.append({"device": r.device, "reason": new})  # type: ignore[arg-type]
+                continue
+            rows.append(row if new is None else new)
+            reports.append(r)
+        stacked = {k: np.stack([r[k] for r in rows]) for k in rows[0]} if rows else {}
+        new_body = CohortReply.model_validate(
+            {**body.model_dump(), "train": [r.model_dump() for r in reports], "failures": failures}
+        )
+        content = RecordDict(
+            {ARRAYS_KEY: to_record(stacked), REPORT_KEY: ConfigRecord(new_body.to_record_fields())}
+        )
+        return Message(content, reply_to=msg)
+
+    return tamper
 
 
 def test_bad_updates_are_rejected_and_never_aggregated(tmp_path: Path) -> None:
-    cfg, ds = _setup(tmp_path)
-    good_updates: dict[int, dict[str, np.ndarray]] = {}
+    cfg, src = _setup(tmp_path)
+    good: dict[int, dict[str, np.ndarray]] = {}
 
-    def tamper(device: int, msg: Message, reply: Message) -> Message | None:
-        if msg.metadata.message_type != "train":
-            return None
-        if device == 1:  # NaN in the weights
-            return _replace_arrays(
-                msg, reply, lambda a: {k: np.full_like(v, np.nan) for k, v in a.items()}
-            )
-        if device == 2:  # wrong shape
-            return _replace_arrays(
-                msg, reply, lambda a: {k: np.zeros((3, *v.shape), v.dtype) for k, v in a.items()}
-            )
-        if device == 3:  # the device crashed
-            return Message(Error(code=1, reason="device 3 ran out of battery"), reply_to=msg)
-        good_updates[int(msg.metadata.group_id)] = from_record(reply.content[ARRAYS_KEY])
+    def edit(device: int, a: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
+        if device == 1:
+            return {k: np.full_like(v, np.nan) for k, v in a.items()}
+        if device == 2:
+            return {k: np.zeros((3, *v.shape), v.dtype) for k, v in a.items()}
+        if device == 3:
+            return "device 3 ran out of battery"
+        good[len(good)] = {k: v.copy() for k, v in a.items()}
         return None
 
-    grid = InProcessGrid(tmp_path, 4, tamper)
-    loop = ServerLoop(grid, cfg, tmp_path, ds)
+    loop = ServerLoop(InProcessGrid(tmp_path, 2, edit_train(edit)), cfg, tmp_path, src)
     final = loop.run()
-    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    for row in rows:
+    for row in _rows(tmp_path):
         assert row["num_updates"] == 1 and row["num_rejected"] == 2 and row["num_failed"] == 1
         reasons = {r["device"]: r["reason"] for r in row["rejected"]}
         assert "NaN" in reasons[1] and "shape" in reasons[2]
         assert row["failed"] == [{"device": 3, "reason": "device 3 ran out of battery"}]
     # FedAvg over the single valid update is that update: the bad ones had no weight.
-    for k, v in good_updates[2].items():
+    for k, v in good[1].items():
         np.testing.assert_array_equal(final[k], v)
-    assert all(np.isfinite(v).all() for v in final.values())
+
+
+def test_inflated_example_count_is_rejected(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path)
+
+    def tamper(node: int, msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type != "train":
+            return None
+        body = CohortReply.from_record_fields(reply.content[REPORT_KEY])
+        train = [
+            r.model_copy(update={"num_examples": 10**6}) if r.device == 0 else r for r in body.train
+        ]
+        new = body.model_copy(update={"train": train})
+        content = RecordDict(
+            {
+                ARRAYS_KEY: reply.content[ARRAYS_KEY],
+                REPORT_KEY: ConfigRecord(new.to_record_fields()),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    ServerLoop(InProcessGrid(tmp_path, 2, tamper), cfg, tmp_path, src).run()
+    row = _rows(tmp_path)[0]
+    assert row["num_updates"] == 3
+    known = len(src.partition.train_idx[0])  # type: ignore[attr-defined]
+    assert row["rejected"] == [
+        {
+            "device": 0,
+            "reason": f"reported 1000000 training examples; the server knows {known} for this device",
+        }
+    ]
 
 
 def test_round_without_usable_updates_fails_the_run(tmp_path: Path) -> None:
-    cfg, ds = _setup(tmp_path)
-
-    def tamper(device: int, msg: Message, reply: Message) -> Message | None:
-        if msg.metadata.message_type == "train":
-            return _replace_arrays(msg, reply, lambda a: {k: v * np.inf for k, v in a.items()})
-        return None
-
-    loop = ServerLoop(InProcessGrid(tmp_path, 4, tamper), cfg, tmp_path, ds)
+    cfg, src = _setup(tmp_path)
+    grid = InProcessGrid(
+        tmp_path, 2, edit_train(lambda d, a: {k: v * np.inf for k, v in a.items()})
+    )
     with pytest.raises(RunFailed, match=r"round 1: 0 usable updates.*NaN or Inf"):
-        loop.run()
+        ServerLoop(grid, cfg, tmp_path, src).run()
+
+
+def test_population_comes_from_the_partition_without_messages(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "partition.num_devices=10", "strategy.fraction_train=0.5")
+    grid = InProcessGrid(tmp_path, 3)
+    loop = ServerLoop(grid, cfg, tmp_path, src)
+    assert loop.population.size == 10
+    loop.run()
+    kinds = {m.metadata.message_type for m in grid.sent}
+    assert kinds == {"train", "evaluate"}  # no hello round trip
+    trains = [m for m in grid.sent if m.metadata.message_type == "train"]
+    per_round = [
+        RoundInstructions.from_record_fields(m.content[CONFIG_KEY]).devices
+        for m in trains
+        if m.metadata.group_id == "1"
+    ]
+    assert len(per_round) == 3 and sum(len(d) for d in per_round) == 5
+    row = _rows(tmp_path)[0]
+    assert row["num_updates"] == 5 and row["devices"]["num_devices"] == 10
+
+
+def test_deployment_population_registers_every_device_or_says_who_is_missing(
+    tmp_path: Path,
+) -> None:
+    cfg, src = _setup(tmp_path)
+    loop = ServerLoop(
+        InProcessGrid(tmp_path, 4, devices=True), cfg, tmp_path, src, population="nodes"
+    )
+    loop.run()
+    assert _rows(tmp_path)[-1]["num_updates"] == 4
+    short = ServerLoop(
+        InProcessGrid(tmp_path, 3, devices=True), cfg, tmp_path, src, population="nodes"
+    )
+    with pytest.raises(PopulationError, match=r"3 of partition.num_devices=4.*missing \[3\]"):
+        short.population.connect(wait_s=0.1)  # type: ignore[attr-defined]
+
+
+def test_cohorts_and_preaggregation_give_the_same_model(tmp_path: Path) -> None:
+    finals, metrics = {}, {}
+    for name, extra in {
+        "single": ["simulation.devices_per_message=1"],
+        "cohort": ["simulation.devices_per_message=3"],
+        "preagg": ["simulation.devices_per_message=3", "simulation.preaggregate=true"],
+    }.items():
+        d = tmp_path / name
+        cfg, src = _setup(d, "partition.num_devices=7", "rounds=3", *extra)
+        finals[name] = ServerLoop(InProcessGrid(d, 2), cfg, d, src).run()
+        metrics[name] = (d / METRICS_FILE).read_bytes()
+    assert metrics["single"] == metrics["cohort"]
+    for k, v in finals["single"].items():
+        np.testing.assert_array_equal(finals["cohort"][k], v)
+        np.testing.assert_allclose(finals["preagg"][k], v, atol=1e-6)
+
+
+def test_preaggregation_is_refused_for_robust_strategies(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "strategy.name=fedmedian", "simulation.preaggregate=true")
+    with pytest.raises(AggregationError, match="preaggregate = false"):
+        ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src)
 
 
 def test_fedper_devices_never_send_heads_and_server_keeps_them_out(tmp_path: Path) -> None:
-    cfg, ds = _setup(
+    cfg, src = _setup(
         tmp_path, "client.algorithm=fedper", "strategy.name=fedadam", 'model.name="mlp2nn"'
     )
-    grid = InProcessGrid(tmp_path, 4)
-    loop = ServerLoop(grid, cfg, tmp_path, ds)
+    grid = InProcessGrid(tmp_path, 2)
+    loop = ServerLoop(grid, cfg, tmp_path, src)
     initial_head = {k: v.copy() for k, v in loop.global_arrays.items() if k.startswith("head.")}
     final = loop.run()
     train_replies = [r for r in grid.replies if ARRAYS_KEY in r.content.array_records]
@@ -104,33 +220,72 @@ def test_fedper_devices_never_send_heads_and_server_keeps_them_out(tmp_path: Pat
         np.testing.assert_array_equal(final[k], v)
 
 
-def test_device_evaluation_summary(tmp_path: Path) -> None:
-    cfg, ds = _setup(tmp_path, "evaluation.every=2")
-    loop = ServerLoop(InProcessGrid(tmp_path, 4), cfg, tmp_path, ds)
-    loop.run()
-    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+def test_device_evaluation_summary_matches_devices_jsonl(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "evaluation.every=2")
+    ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src).run()
+    rows = _rows(tmp_path)
     assert "devices" not in rows[0] and rows[1]["evaluated"]
     dev = rows[1]["devices"]
-    assert dev["num_devices"] == 4
-    g = dev["global_acc"]
-    assert g["p10"] <= g["p50"] <= g["p90"]
-    assert 0.0 <= dev["share_personal_worse"] <= 1.0
+    per = [json.loads(x) for x in (tmp_path / "devices.jsonl").read_text().splitlines()]
+    g = np.array([p["global_acc"] for p in per])
+    p_acc = np.array([p["personal_acc"] for p in per])
+    n = np.array([p["num_test"] for p in per], dtype=float)
+    assert dev["num_devices"] == 4 == len(per)
+    assert dev["global_acc"]["weighted_mean"] == pytest.approx(float((g * n).sum() / n.sum()))
+    assert dev["global_acc"]["p50"] == pytest.approx(float(np.median(g)))
+    assert dev["share_personal_worse"] == pytest.approx(float(np.mean(p_acc < g)))
 
 
-@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"])
+def test_config_names_and_registries_agree() -> None:
+    assert set(get_args(StrategyName)) == set(STRATEGIES)
+    assert set(get_args(AlgorithmName)) == set(ALGORITHMS) == set(DEVICE_ALGORITHMS)
+    for name, cls in DEVICE_ALGORITHMS.items():
+        assert cls.spec is ALGORITHMS[name]
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_trains(tmp_path: Path, strategy: str) -> None:
-    cfg, ds = _setup(tmp_path, f"strategy.name={strategy}", "rounds=3")
-    grid = InProcessGrid(tmp_path, 4)
-    loop = ServerLoop(grid, cfg, tmp_path, ds)
+    extra = ["client.algorithm=fedprox"] if strategy == "fedprox" else []
+    cfg, src = _setup(tmp_path, f"strategy.name={strategy}", "rounds=3", *extra)
+    loop = ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src)
     before = {k: v.copy() for k, v in loop.global_arrays.items()}
     final = loop.run()
     assert any(not np.array_equal(final[k], before[k]) for k in before)
     assert all(np.isfinite(v).all() and v.dtype == before[k].dtype for k, v in final.items())
-    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2, 3]
-    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
-    mu = [float(m.content["config"].get("proximal-mu", 0.0)) for m in train_msgs]
-    assert all(x == cfg.strategy.proximal_mu for x in mu) if strategy == "fedprox" else not any(mu)
+    assert [r["round"] for r in _rows(tmp_path)] == [1, 2, 3]
+
+
+KNOBS = {
+    "local_epochs": 2,
+    "batch_size": 7,
+    "lr": 0.013,
+    "momentum": 0.3,
+    "weight_decay": 0.001,
+    "proximal_mu": 0.3,
+    "head_epochs": 3,
+    "ditto_lambda": 0.7,
+    "apfl_alpha": 0.25,
+    "apfl_alpha_lr": 0.02,
+}
+
+
+def test_every_client_knob_reaches_the_devices_as_set(tmp_path: Path) -> None:
+    assert set(KNOBS) == set(ClientConfig.model_fields) - {"algorithm"}
+    for name, value in KNOBS.items():
+        assert ClientConfig.model_fields[name].default != value
+    overrides = [f"client.{k}={v}" for k, v in KNOBS.items()]
+    cfg, src = _setup(tmp_path, "client.algorithm=fedprox", "strategy.name=fedprox", *overrides)
+    grid = InProcessGrid(tmp_path, 2)
+    ServerLoop(grid, cfg, tmp_path, src).run()
+    for m in grid.sent:
+        got = RoundInstructions.from_record_fields(m.content[CONFIG_KEY]).client
+        assert {k: getattr(got, k) for k in KNOBS} == KNOBS
+        assert set(m.content[CONFIG_KEY]) == {"task"}  # nothing beside the one declaration
+
+
+def test_fedprox_strategy_needs_the_fedprox_algorithm() -> None:
+    with pytest.raises(ConfigError, match="set client.algorithm = 'fedprox'"):
+        load_config(None, ["strategy.name=fedprox", "client.algorithm=ditto"])
 
 
 ALGORITHM_SETS = {
@@ -146,10 +301,27 @@ ALGORITHM_SETS = {
 
 @pytest.mark.parametrize("algorithm", sorted(ALGORITHM_SETS))
 def test_every_algorithm_runs_through_server_and_devices(tmp_path: Path, algorithm: str) -> None:
-    cfg, ds = _setup(tmp_path, f"client.algorithm={algorithm}", *ALGORITHM_SETS[algorithm])
-    loop = ServerLoop(InProcessGrid(tmp_path, 4), cfg, tmp_path, ds)
-    final = loop.run()
+    cfg, src = _setup(tmp_path, f"client.algorithm={algorithm}", *ALGORITHM_SETS[algorithm])
+    final = ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src).run()
     assert all(np.isfinite(v).all() for v in final.values())
-    rows = [json.loads(x) for x in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    rows = _rows(tmp_path)
     assert rows[-1]["num_updates"] == 4 and rows[-1]["num_rejected"] == 0
     assert rows[-1]["devices"]["num_devices"] == 4
+    assert rows[-1]["schema_version"] == 2
+
+
+def test_a_device_error_reply_fails_its_whole_message(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "simulation.devices_per_message=2")
+
+    def crash(node: int, msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type == "train" and node == 0:
+            return Message(Error(code=1, reason="worker died"), reply_to=msg)
+        return None
+
+    ServerLoop(InProcessGrid(tmp_path, 2, crash), cfg, tmp_path, src).run()
+    row = _rows(tmp_path)[0]
+    assert row["failed"] == [
+        {"device": 0, "reason": "worker died"},
+        {"device": 1, "reason": "worker died"},
+    ]
+    assert row["num_updates"] == 2

@@ -2,7 +2,9 @@
 
 To add one: subclass ``Algorithm`` in a new module, override the hooks that
 differ (what is personal, the loss term, the personalized model), and register
-it in ``ALGORITHMS`` below (and in ``common.config.AlgorithmName``). To train only
+it in ``ALGORITHMS`` below; declare what it keeps on the device in
+``common.personalization.ALGORITHMS`` and add its name to ``common.config.AlgorithmName``
+(a test checks the three agree). To train only
 part of the model, pass ``keys=`` to ``Algorithm.local_train``; for a batch
 objective over several models, ``train_epochs(batch_loss=..., after_step=...)``.
 """
@@ -19,11 +21,12 @@ from client.algorithms.fedprox import FedProx
 from client.algorithms.fedrep import FedRep
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, FedPer, FedRep, FedBN, Ditto, APFL)
+    cls.spec.name: cls for cls in (FedAvg, FedProx, FedPer, FedRep, FedBN, Ditto, APFL)
 }
 
 
 def get_algorithm(name: str) -> Algorithm:
+    """A fresh instance: algorithms hold per-call state (APFL's loss sums)."""
     try:
         return ALGORITHMS[name]()
     except KeyError:

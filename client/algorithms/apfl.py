@@ -40,6 +40,7 @@ from torch.nn import functional as F
 from client.algorithms.base import Algorithm, ClientUpdate
 from client.algorithms.loop import DeviceData, make_optimizer, train_epochs
 from client.state import PersonalState
+from common.personalization import ALGORITHMS, AlgorithmSpec
 from common.protocol import RoundInstructions
 from common.weights import Arrays, load_arrays, model_to_arrays
 
@@ -77,7 +78,7 @@ class _APFLPair(nn.Module):
 
 
 class APFL(Algorithm):
-    name: ClassVar[str] = "apfl"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["apfl"]
 
     @staticmethod
     def alpha_of(state: PersonalState | None, default: float) -> float:
@@ -98,22 +99,22 @@ class APFL(Algorithm):
         personal = copy.deepcopy(model)  # v: the global model the first time
         if state is not None and state.arrays:
             load_arrays(personal, state.arrays, strict=False)
-        pair = _APFLPair(model, personal, self.alpha_of(state, instr.apfl_alpha))
+        pair = _APFLPair(model, personal, self.alpha_of(state, instr.client.apfl_alpha))
         opt = make_optimizer(
             [*model.parameters(), *personal.parameters()],
-            instr.lr,
-            instr.momentum,
-            instr.weight_decay,
+            instr.client.lr,
+            instr.client.momentum,
+            instr.client.weight_decay,
         )
         # alpha: its own lr, plain projected gradient descent (no momentum, no decay).
-        alpha_group = {"params": [pair.alpha], "lr": instr.apfl_alpha_lr, "momentum": 0.0}
+        alpha_group = {"params": [pair.alpha], "lr": instr.client.apfl_alpha_lr, "momentum": 0.0}
         opt.add_param_group({**alpha_group, "weight_decay": 0.0})
         _, steps = train_epochs(
             pair,
             data.x_train,
             data.y_train,
-            epochs=instr.local_epochs,
-            batch_size=instr.batch_size,
+            epochs=instr.client.local_epochs,
+            batch_size=instr.client.batch_size,
             optimizer=opt,
             generator=generator,
             batch_loss=lambda _pair, x, y: pair.batch_loss(x, y),

@@ -25,7 +25,7 @@ from client.algorithms.loop import (
     trainable_only,
 )
 from client.state import PersonalState
-from common.personalization import personal_keys
+from common.personalization import AlgorithmSpec
 from common.protocol import RoundInstructions
 from common.weights import Arrays, load_arrays, model_to_arrays
 
@@ -44,11 +44,16 @@ class ClientUpdate:
 class Algorithm:
     """Base class: FedAvg-style full-model training; subclasses override the hooks."""
 
-    name: ClassVar[str] = "base"
+    spec: ClassVar[AlgorithmSpec]
+    """The declaration shared with the server (``common.personalization.ALGORITHMS``)."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     def personal_keys(self, model: nn.Module) -> set[str]:
         """State-dict keys that stay on the device and are never sent."""
-        return personal_keys(self.name, model.state_dict())
+        return self.spec.keeps(list(model.state_dict()))
 
     def shared_keys(self, model: nn.Module) -> set[str]:
         return set(model.state_dict()) - self.personal_keys(model)
@@ -80,7 +85,9 @@ class Algorithm:
         generator: torch.Generator,
     ) -> ClientUpdate:
         self.start_from(model, global_arrays, state)
-        extra = proximal_loss(global_arrays, instr.proximal_mu)
+        extra = (
+            proximal_loss(global_arrays, instr.client.proximal_mu) if self.spec.proximal else None
+        )
         loss, steps = self.local_train(model, data, instr, generator, extra_loss=extra)
         shared = model_to_arrays(model, self.shared_keys(model))
         new_state = self.new_state(model, state)
@@ -99,19 +106,20 @@ class Algorithm:
     ) -> tuple[float, int]:
         """Train ``model`` in place with the round's optimiser; return (mean loss, steps).
 
-        ``epochs`` defaults to ``instr.local_epochs``; with ``keys`` only the
+        ``epochs`` defaults to ``client.local_epochs``; with ``keys`` only the
         parameters named there are trained (the rest frozen for the call), so a
         method that trains parts of the model in phases reuses the one loop.
         """
         names = keys if keys is not None else [n for n, _ in model.named_parameters()]
         with trainable_only(model, names) as params:
-            opt = make_optimizer(params, instr.lr, instr.momentum, instr.weight_decay)
+            c = instr.client
+            opt = make_optimizer(params, c.lr, c.momentum, c.weight_decay)
             return train_epochs(
                 model,
                 data.x_train,
                 data.y_train,
-                epochs=instr.local_epochs if epochs is None else epochs,
-                batch_size=instr.batch_size,
+                epochs=c.local_epochs if epochs is None else epochs,
+                batch_size=c.batch_size,
                 optimizer=opt,
                 generator=generator,
                 extra_loss=extra_loss,

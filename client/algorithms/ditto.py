@@ -26,12 +26,13 @@ from torch import nn
 from client.algorithms.base import Algorithm, ClientUpdate, proximal_loss
 from client.algorithms.loop import DeviceData
 from client.state import PersonalState
+from common.personalization import ALGORITHMS, AlgorithmSpec
 from common.protocol import RoundInstructions
 from common.weights import Arrays, load_arrays, model_to_arrays
 
 
 class Ditto(Algorithm):
-    name: ClassVar[str] = "ditto"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["ditto"]
 
     def client_update(
         self,
@@ -46,15 +47,15 @@ class Ditto(Algorithm):
         load_arrays(model, global_arrays)
         if state is not None and state.arrays:
             load_arrays(model, state.arrays, strict=False)
-        pull = proximal_loss(global_arrays, instr.ditto_lambda)
+        pull = proximal_loss(global_arrays, instr.client.ditto_lambda)
         personal_loss, personal_steps = self.local_train(
             model, data, instr, generator, extra_loss=pull
         )
         new_state = self.new_state(model, state)
-        # Global update: the received model trained as FedAvg (FedProx term if sent).
+        # Global update: the received model trained as plain FedAvg (Ditto's global
+        # objective; no proximal term, whatever the server-side strategy).
         load_arrays(model, global_arrays)
-        extra = proximal_loss(global_arrays, instr.proximal_mu)
-        loss, steps = self.local_train(model, data, instr, generator, extra_loss=extra)
+        loss, steps = self.local_train(model, data, instr, generator)
         metrics = {
             "train_loss": loss,
             "personal_loss": personal_loss,

@@ -13,11 +13,12 @@ from torch import nn
 
 from client.algorithms.base import Algorithm
 from client.state import PersonalState
+from common.personalization import ALGORITHMS, AlgorithmSpec
 from common.weights import model_to_arrays
 
 
 class FedAvg(Algorithm):
-    name: ClassVar[str] = "fedavg"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["fedavg"]
 
     def start_from(self, model: nn.Module, global_arrays, state: PersonalState | None) -> None:  # type: ignore[no-untyped-def]
         # Every round starts from the served global model (nothing is personal).

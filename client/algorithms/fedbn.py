@@ -16,7 +16,8 @@ from __future__ import annotations
 from typing import ClassVar
 
 from client.algorithms.base import Algorithm
+from common.personalization import ALGORITHMS, AlgorithmSpec
 
 
 class FedBN(Algorithm):
-    name: ClassVar[str] = "fedbn"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["fedbn"]

@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import ClassVar
 
 from client.algorithms.base import Algorithm
+from common.personalization import ALGORITHMS, AlgorithmSpec
 
 
 class FedPer(Algorithm):
     # What is personal (the ``head.*`` keys) is decided in common.personalization,
     # shared with the server, so the server knows which keys to expect back.
-    name: ClassVar[str] = "fedper"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["fedper"]

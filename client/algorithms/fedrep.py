@@ -18,15 +18,16 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from client.algorithms.base import Algorithm, ClientUpdate, proximal_loss
+from client.algorithms.base import Algorithm, ClientUpdate
 from client.algorithms.loop import DeviceData
 from client.state import PersonalState
+from common.personalization import ALGORITHMS, AlgorithmSpec
 from common.protocol import RoundInstructions
 from common.weights import Arrays, model_to_arrays
 
 
 class FedRep(Algorithm):
-    name: ClassVar[str] = "fedrep"
+    spec: ClassVar[AlgorithmSpec] = ALGORITHMS["fedrep"]
 
     def client_update(
         self,
@@ -40,10 +41,9 @@ class FedRep(Algorithm):
         self.start_from(model, global_arrays, state)
         head, body = self.personal_keys(model), self.shared_keys(model)
         head_loss, head_steps = self.local_train(
-            model, data, instr, generator, epochs=instr.head_epochs, keys=head
+            model, data, instr, generator, epochs=instr.client.head_epochs, keys=head
         )
-        extra = proximal_loss(global_arrays, instr.proximal_mu)
-        loss, steps = self.local_train(model, data, instr, generator, keys=body, extra_loss=extra)
+        loss, steps = self.local_train(model, data, instr, generator, keys=body)
         metrics = {
             "train_loss": loss,
             "head_loss": head_loss,

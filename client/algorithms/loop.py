@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from common.evaluation import evaluate
+from common.scoring import evaluate
 
 
 @dataclass(frozen=True)

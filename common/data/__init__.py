@@ -17,15 +17,20 @@ from .partition import (
     partition_stats,
     save_partition,
 )
+from .source import DeviceSource, PartitionSource, SyntheticSource, open_source
 
 __all__ = [
     "DataError",
     "Dataset",
+    "DeviceSource",
     "Partition",
+    "PartitionSource",
+    "SyntheticSource",
     "build_partition",
     "device_arrays",
     "load_dataset",
     "load_partition",
+    "open_source",
     "partition_stats",
     "save_partition",
 ]

@@ -31,21 +31,22 @@ def finetune(
     instr: RoundInstructions,
     generator: torch.Generator,
 ) -> tuple[float, int]:
-    """Train ``model`` in place for exactly ``instr.finetune_steps`` minibatch steps.
+    """Train ``model`` in place for exactly ``evaluation.finetune_steps`` minibatch steps.
 
     Whole epochs go through the shared loop; the remaining ``r`` steps train on the
     first ``r * batch_size`` examples of one more seeded permutation (fewer than an
     epoch's worth, so every batch is full and the step count is exact).
     Returns (mean loss, steps).
     """
-    steps = instr.finetune_steps
+    steps = instr.evaluation.finetune_steps
     n = int(data.y_train.shape[0])
     if steps <= 0 or n == 0:
         return 0.0, 0
-    bs = instr.batch_size
+    c, e = instr.client, instr.evaluation
+    bs = c.batch_size
     per_epoch = math.ceil(n / bs)
-    lr = instr.finetune_lr if instr.finetune_lr > 0 else instr.lr
-    opt = make_optimizer(model.parameters(), lr, instr.momentum, instr.weight_decay)
+    lr = e.finetune_lr if e.finetune_lr > 0 else c.lr
+    opt = make_optimizer(model.parameters(), lr, c.momentum, c.weight_decay)
     total, done = 0.0, 0
     full, rest = divmod(steps, per_epoch)
     if full:
@@ -82,32 +83,33 @@ def evaluate_models(
     data: DeviceData,
     instr: RoundInstructions,
     generator: torch.Generator,
-) -> dict[str, float]:
-    """Global, personalized and (if ``finetune_steps`` > 0) fine-tuned accuracy and loss.
+) -> dict[str, float | int | bool]:
+    """Global, personalized and (if ``finetune_steps`` > 0) fine-tuned accuracy and loss,
+    keyed by the fields of ``common.protocol.EvalReport``.
 
     ``model`` is scratch space: its weights are overwritten. ``state`` is only read.
     """
-    bs = instr.eval_batch_size
+    bs = instr.evaluation.batch_size
     load_arrays(model, global_arrays)
     g_loss, g_acc = evaluate(model, data.x_test, data.y_test, bs)
     algo.load_personalized(model, global_arrays, state)
     p_loss, p_acc = evaluate(model, data.x_test, data.y_test, bs)
-    out = {
-        "num-examples": float(data.y_test.shape[0]),
-        "global-acc": g_acc,
-        "global-loss": g_loss,
-        "personal-acc": p_acc,
-        "personal-loss": p_loss,
-        "has-personal": float(state is not None),
+    out: dict[str, float | int | bool] = {
+        "num_test": int(data.y_test.shape[0]),
+        "global_acc": g_acc,
+        "global_loss": g_loss,
+        "personal_acc": p_acc,
+        "personal_loss": p_loss,
+        "has_personal": state is not None,
     }
-    if instr.finetune_steps > 0:
+    if instr.evaluation.finetune_steps > 0:
         load_arrays(model, global_arrays)
         ft_train_loss, ft_steps = finetune(model, data, instr, generator)
         f_loss, f_acc = evaluate(model, data.x_test, data.y_test, bs)
         out |= {
-            "finetuned-acc": f_acc,
-            "finetuned-loss": f_loss,
-            "finetune-train-loss": ft_train_loss,
-            "finetune-steps": float(ft_steps),
+            "finetuned_acc": f_acc,
+            "finetuned_loss": f_loss,
+            "finetune_train_loss": ft_train_loss,
+            "finetune_steps": ft_steps,
         }
     return out

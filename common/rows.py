@@ -1,0 +1,153 @@
+"""The typed rows of ``metrics.jsonl`` and ``timings.jsonl``: one schema, every reader.
+
+Why in common: the server writes these rows, and the CLI's progress line, the
+summary, ``hybridfl report`` and the HTTP rounds API read them. Reading through one
+pydantic model means a renamed field breaks loudly in one place, and
+``schema_version`` lets a reader refuse a run folder from a future format.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 2
+"""1: untyped rows before this schema (no ``schema_version`` field); 2: this schema."""
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Distribution(_Row):
+    """Across devices: mean, sample-weighted mean and 10/50/90th percentiles."""
+
+    mean: float
+    weighted_mean: float
+    p10: float
+    p50: float
+    p90: float
+
+    @classmethod
+    def of(cls, values: Sequence[float], weights: Sequence[float] | None = None) -> Distribution:
+        v = np.asarray(values, dtype=np.float64)
+        w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
+        wmean = float((v * w).sum() / w.sum()) if w.sum() > 0 else float(v.mean())
+        p10, p50, p90 = np.percentile(v, [10, 50, 90])
+        return cls(mean=float(v.mean()), weighted_mean=wmean, p10=p10, p50=p50, p90=p90)
+
+
+class DeviceIssue(_Row):
+    """A device whose update failed (no usable reply) or was rejected (with why)."""
+
+    device: int
+    reason: str
+
+
+class ColdStart(_Row):
+    device: int
+    acc: float
+    version: int | None = None
+
+
+class RoundCost(_Row):
+    """What a round cost the devices that trained (distributions across them)."""
+
+    steps: Distribution
+    bytes_up: Distribution
+    """Bytes each device sent (its update's arrays)."""
+    bytes_down: float
+    """Bytes each selected device received (the global model)."""
+
+
+class DeviceSummary(_Row):
+    """Training devices: served, personalized and fine-tuned accuracy, gains."""
+
+    num_devices: int
+    num_personalized: int = 0
+    global_acc: Distribution | None = None
+    personal_acc: Distribution | None = None
+    gain: Distribution | None = None
+    share_personal_worse: float | None = None
+    finetuned_acc: Distribution | None = None
+    finetune_gain: Distribution | None = None
+    share_finetuned_worse: float | None = None
+
+
+class HoldoutSummary(_Row):
+    """Held-out devices (never train): the served model and a fresh fine-tune of it."""
+
+    num_devices: int
+    global_acc: Distribution | None = None
+    finetuned_acc: Distribution | None = None
+    finetune_gain: Distribution | None = None
+    share_finetuned_worse: float | None = None
+
+
+class RoundRow(_Row):
+    """One line of ``metrics.jsonl``: deterministic for a seed (no wall-clock fields)."""
+
+    schema_version: int = SCHEMA_VERSION
+    round: int
+    num_sampled: int
+    num_updates: int
+    num_failed: int
+    num_rejected: int
+    failed: list[DeviceIssue] = Field(default_factory=list)
+    rejected: list[DeviceIssue] = Field(default_factory=list)
+    train_loss: float | None = None
+    """Sample-weighted mean of the accepted devices' training losses."""
+    bytes_up: float
+    bytes_down: float
+    cost: RoundCost | None = None
+    cold_start: list[ColdStart] | None = None
+    evaluated: bool = False
+    global_test_acc: float | None = None
+    global_test_loss: float | None = None
+    eval_mode: str | None = None
+    """Which training devices were evaluated: participants, all or a seeded sample."""
+    devices: DeviceSummary | None = None
+    holdout: HoldoutSummary | None = None
+    eval_failed: int | None = None
+    eval_failures: list[DeviceIssue] | None = None
+    eval_bytes_down: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)
+
+
+class TimingRow(_Row):
+    """One line of ``timings.jsonl``: wall-clock figures, kept apart from the metrics."""
+
+    round: int
+    train_s: float
+    round_s: float
+    elapsed_s: float
+    device_train_s: Distribution | None = None
+    """Wall seconds each device took on its worker (a distribution across devices)."""
+
+
+def read_rows(path: Path) -> list[RoundRow]:
+    """``metrics.jsonl`` as typed rows (a torn last line, still being written, is skipped)."""
+    from common.rundir import read_jsonl
+
+    rows = []
+    for raw in read_jsonl(path):
+        version = int(raw.get("schema_version", 1))  # type: ignore[call-overload]
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"{path} has schema_version {version}; this hybridfl reads up to "
+                f"{SCHEMA_VERSION}: upgrade hybridfl"
+            )
+        rows.append(RoundRow.model_validate(raw))
+    return rows
+
+
+def read_timings(path: Path) -> list[TimingRow]:
+    from common.rundir import read_jsonl
+
+    return [TimingRow.model_validate(r) for r in read_jsonl(path)]

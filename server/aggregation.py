@@ -1,0 +1,193 @@
+"""Validated updates -> the next global weights, through a Flower strategy.
+
+One adapter for every ``flwr.serverapp.strategy``: each round it calls the
+strategy's own ``configure_train`` (over a one-node stand-in grid: hybridfl does
+its own seeded selection) so whatever state a strategy keeps there (FedOpt's and
+FedAvgM's current arrays) is set by Flower's code, not a copy of it; the config the
+strategy would send is checked against what hybridfl's devices implement, so a
+strategy that needs device-side behaviour we lack fails loudly instead of silently
+misbehaving. Then ``aggregate_train`` runs on one message per accepted update,
+weighted by the example count the server knows. Adding a strategy is a line in
+``STRATEGIES`` (and its name in ``common.config.StrategyName``) plus its test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+)
+
+from common.config import ExperimentConfig
+from common.protocol import ARRAYS_KEY, WEIGHT_KEY
+from common.records import from_record, to_record
+from common.weights import Arrays
+
+COMMON: dict[str, Any] = {
+    "fraction_train": 1.0,
+    "fraction_evaluate": 0.0,
+    "min_train_nodes": 1,
+    "min_evaluate_nodes": 1,
+    "min_available_nodes": 1,
+    "weighted_by_key": WEIGHT_KEY,
+}
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    build: Callable[[ExperimentConfig], FedAvg]
+    weighted_mean: bool
+    """Aggregates a weighted mean of updates (or a server optimiser step on it): partial
+    weighted sums from workers give the same result, so ``preaggregate`` is allowed."""
+    sends: frozenset[str] = frozenset({"server-round"})
+    """Config keys its ``configure_train`` sends that hybridfl's devices honour."""
+
+
+STRATEGIES: dict[str, StrategySpec] = {
+    "fedavg": StrategySpec(lambda c: FedAvg(**COMMON), True),
+    "fedprox": StrategySpec(
+        lambda c: FedProx(**COMMON, proximal_mu=c.client.proximal_mu),
+        True,
+        frozenset({"server-round", "proximal-mu"}),
+    ),
+    "fedavgm": StrategySpec(
+        lambda c: FedAvgM(
+            **COMMON,
+            server_learning_rate=c.strategy.server_lr,
+            server_momentum=c.strategy.server_momentum,
+        ),
+        True,
+    ),
+    "fedadam": StrategySpec(lambda c: FedAdam(**COMMON, eta=c.strategy.server_lr), True),
+    "fedyogi": StrategySpec(lambda c: FedYogi(**COMMON, eta=c.strategy.server_lr), True),
+    "fedadagrad": StrategySpec(lambda c: FedAdagrad(**COMMON, eta=c.strategy.server_lr), True),
+    "fedmedian": StrategySpec(lambda c: FedMedian(**COMMON), False),
+    "fedtrimmedavg": StrategySpec(
+        lambda c: FedTrimmedAvg(**COMMON, beta=c.strategy.trim_beta), False
+    ),
+    "krum": StrategySpec(
+        lambda c: Krum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
+    ),
+    "multikrum": StrategySpec(
+        lambda c: MultiKrum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
+    ),
+}
+
+
+class AggregationError(RuntimeError):
+    """The strategy cannot be used as configured, or produced no usable model."""
+
+
+class _OneNodeGrid(Grid):
+    """What ``configure_train`` needs of a grid: one node to 'sample'."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1]
+
+    def set_run(self, run: object) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def run(self) -> object:  # pragma: no cover
+        raise NotImplementedError
+
+    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
+        raise NotImplementedError
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
+        raise NotImplementedError
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
+        raise NotImplementedError
+
+    def send_and_receive(  # pragma: no cover
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        raise NotImplementedError
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise AggregationError(
+            f"unknown strategy.name '{name}': choose one of {sorted(STRATEGIES)}"
+        ) from None
+
+
+class Aggregator:
+    """A Flower strategy driven through its own contract, one round at a time."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        self.spec = strategy_spec(cfg.strategy.name)
+        self.strategy = self.spec.build(cfg)
+        self.cfg = cfg
+        if cfg.simulation.preaggregate and not self.spec.weighted_mean:
+            raise AggregationError(
+                f"simulation.preaggregate = true sums updates on the workers, but "
+                f"strategy.name = '{cfg.strategy.name}' needs every update (median, "
+                "trimmed mean, Krum): set simulation.preaggregate = false"
+            )
+
+    def configure(self, round_: int, shared: Arrays) -> None:
+        """Run the strategy's ``configure_train``; refuse config our devices ignore."""
+        msgs = list(
+            self.strategy.configure_train(round_, to_record(shared), ConfigRecord(), _OneNodeGrid())
+        )
+        if not msgs:
+            raise AggregationError(f"strategy '{self.cfg.strategy.name}' configured no training")
+        sent = dict(msgs[0].content[self.strategy.configrecord_key])
+        unknown = sorted(set(sent) - self.spec.sends)
+        if unknown:
+            raise AggregationError(
+                f"strategy '{self.cfg.strategy.name}' sends {unknown} to devices, which "
+                "hybridfl's devices do not implement"
+            )
+        mu = sent.get("proximal-mu")
+        if mu is not None and float(mu) != self.cfg.client.proximal_mu:  # type: ignore[arg-type]
+            raise AggregationError(
+                f"strategy sends proximal-mu={mu}, devices train with client.proximal_mu="
+                f"{self.cfg.client.proximal_mu}"
+            )
+
+    def aggregate(self, round_: int, updates: list[tuple[float, Arrays]]) -> Arrays:
+        """The strategy's aggregate of ``(weight, arrays)`` updates, in the given order."""
+        replies = [
+            Message(
+                RecordDict(
+                    {
+                        ARRAYS_KEY: to_record(arrays),
+                        "metrics": MetricRecord({WEIGHT_KEY: float(weight)}),
+                    }
+                ),
+                dst_node_id=1,
+                message_type="train",
+            )
+            for weight, arrays in updates
+        ]
+        arrays, _ = self.strategy.aggregate_train(round_, replies)
+        if arrays is None:
+            raise AggregationError(f"round {round_}: the strategy produced no aggregate")
+        return from_record(arrays)
+
+
+def partial_mean(sums: Arrays, weight_total: float) -> Arrays:
+    """A worker's partial weighted sum as a weighted mean (its weight is ``weight_total``)."""
+    return {k: (v / weight_total) for k, v in sums.items()} if weight_total > 0 else {}
+
+
+__all__ = ["STRATEGIES", "AggregationError", "Aggregator", "partial_mean"]

@@ -1,0 +1,32 @@
+"""Who trains this round: a selection policy over the population's training pool.
+
+One method, ``select(round, pool)``, so the next policies (availability, a virtual
+clock, over-commitment) replace this one without touching the round loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from common.seeding import sample_devices
+
+
+class Selection(Protocol):
+    def select(self, round_: int, pool: np.ndarray) -> list[int]:
+        """This round's devices, in device-id order."""
+        ...
+
+
+@dataclass(frozen=True)
+class UniformSelection:
+    """A seeded uniform sample of ``fraction`` of the pool (at least ``minimum``)."""
+
+    seed: int
+    fraction: float
+    minimum: int
+
+    def select(self, round_: int, pool: np.ndarray) -> list[int]:
+        return sample_devices(self.seed, round_, pool, self.fraction, self.minimum)
