@@ -13,7 +13,7 @@ import hashlib
 import numpy as np
 import torch
 
-_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "partition": 4, "eval": 5}
+_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "partition": 4, "eval": 5, "synthetic": 6}
 
 
 def derive_seed(seed: int, purpose: str, round_: int = 0, device: int = 0) -> int:
