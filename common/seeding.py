@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "eval-sample": 10}
+_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "synthetic": 6, "eval-sample": 10}
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 
 

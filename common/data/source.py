@@ -111,7 +111,8 @@ class SyntheticSource:
         from .synthetic import synthetic_sizes
 
         total = synthetic_sizes(self.seed, self.num_devices)
-        test = np.maximum(1, np.floor(total * self.test_fraction).astype(np.int64))
+        # As synthetic_device splits: round(n * test_fraction) test samples, in [1, n-1].
+        test = np.clip(np.round(total * self.test_fraction).astype(np.int64), 1, total - 1)
         return (total - test).astype(np.int64)
 
     def train_sizes(self) -> np.ndarray:
@@ -120,7 +121,9 @@ class SyntheticSource:
     def server_test(self) -> tuple[np.ndarray, np.ndarray]:
         from .synthetic import synthetic_test_set
 
-        return synthetic_test_set(self.seed, self.num_devices, self.alpha, self.beta)
+        return synthetic_test_set(
+            self.seed, self.num_devices, self.alpha, self.beta, self.test_fraction
+        )
 
 
 def open_source(cfg: ExperimentConfig, partition_file: Path | None) -> DeviceSource:
