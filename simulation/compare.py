@@ -24,6 +24,7 @@ import typer
 
 from common.atomic import atomic_write_text
 from common.rundir import CONFIG_FILE, METRICS_FILE, read_jsonl
+from common.rows import read_rows
 from server.summary import summarize
 
 CURVES_PNG = "report_accuracy.png"
@@ -63,10 +64,10 @@ def load_run(path: Path) -> Run:
     metrics: list[dict[str, Any]] = read_jsonl(path / METRICS_FILE)  # type: ignore[assignment]
     if not metrics:
         raise ReportError(f"{path / METRICS_FILE} has no rounds yet")
-    from server.evaluation import DEVICES_FILE  # lazy: it pulls in torch, slow for a CLI
+    from common.rundir import DEVICES_FILE  # lazy: it pulls in torch, slow for a CLI
 
     devices: list[dict[str, Any]] = read_jsonl(path / DEVICES_FILE)  # type: ignore[assignment]
-    return Run(path, path.name, config, metrics, summarize(metrics), devices)
+    return Run(path, path.name, config, metrics, summarize(read_rows(path / METRICS_FILE)), devices)
 
 
 def load_runs(paths: Sequence[Path]) -> list[Run]:

@@ -14,6 +14,7 @@ from common.models import ModelSpec, build_model
 from common.personalization import shared_keys
 from common.protocol import RoundInstructions
 from common.weights import model_to_arrays
+from tests.tasks import make_task
 
 SPEC = ModelSpec(name="mlp2nn", input_shape=(1, 8, 8), num_classes=10, hidden=16)
 
@@ -35,9 +36,8 @@ def _data(seed: int = 0, n: int = 40) -> DeviceData:
 
 
 def _instr(algorithm: str, spec: ModelSpec = SPEC, **kw: float) -> RoundInstructions:
-    return RoundInstructions(
-        round=1, seed=0, algorithm=algorithm, model_spec=spec.model_dump_json(), lr=0.1, **kw
-    )
+    kw.setdefault("lr", 0.1)
+    return make_task(algorithm, spec, **kw)
 
 
 def test_registry_lists_both() -> None:
@@ -107,12 +107,12 @@ def test_proximal_term_keeps_update_near_global() -> None:
     g = model_to_arrays(model)
 
     def drift(mu: float) -> float:
-        upd = get_algorithm("fedavg").client_update(
+        upd = get_algorithm("fedprox").client_update(
             model,
             g,
             None,
             _data(),
-            _instr("fedavg", proximal_mu=mu),
+            _instr("fedprox", proximal_mu=mu),
             torch.Generator().manual_seed(0),
         )
         return sum(float(np.sum((upd.shared[k] - g[k]) ** 2)) for k in g)
@@ -127,7 +127,7 @@ def test_registry_matches_the_config_schema() -> None:
 
     assert set(ALGORITHMS) == set(get_args(AlgorithmName))
     for name, cls in ALGORITHMS.items():
-        assert cls.name == name and cls.__module__ == f"client.algorithms.{name}"
+        assert cls.spec.name == name and cls.__module__ == f"client.algorithms.{name}"
 
 
 BN_SPEC = ModelSpec(name="cnn", input_shape=(1, 8, 8), num_classes=10, batch_norm=True)
@@ -177,14 +177,24 @@ def test_fedprox_update_carries_mu_times_the_distance() -> None:
     assert any(np.abs(w1[k] - g[k]).max() > 1e-3 for k in g)
 
 
-def test_fedprox_without_mu_is_fedavg() -> None:
+def _shared(name: str, mu: float) -> dict[str, np.ndarray]:
     model = build_model(SPEC, seed=0)
     g = model_to_arrays(model)
-    a, b = (
-        get_algorithm(n).client_update(
-            model, g, None, _data(), _instr(n), torch.Generator().manual_seed(2)
-        )
-        for n in ("fedavg", "fedprox")
+    instr = _instr(name, proximal_mu=mu)
+    return (
+        get_algorithm(name)
+        .client_update(model, g, None, _data(), instr, torch.Generator().manual_seed(2))
+        .shared
     )
-    for k in g:
-        np.testing.assert_array_equal(a.shared[k], b.shared[k])
+
+
+def test_only_fedprox_trains_with_the_proximal_term() -> None:
+    """client.proximal_mu moves FedProx's update and nothing else's (issue 8: a FedProx
+    strategy once added the term to Ditto's global update)."""
+    for name in ("fedavg", "ditto", "apfl"):
+        a, b = _shared(name, 0.0), _shared(name, 5.0)
+        assert all(np.array_equal(a[k], b[k]) for k in a), name
+    plain, prox = _shared("fedprox", 0.0), _shared("fedprox", 5.0)
+    assert any(not np.array_equal(plain[k], prox[k]) for k in plain)
+    fedavg = _shared("fedavg", 5.0)
+    assert all(np.array_equal(plain[k], fedavg[k]) for k in plain)

@@ -26,6 +26,7 @@ from common.models import ModelSpec, build_model
 from common.personalization import batchnorm_keys, shared_keys
 from common.protocol import RoundInstructions
 from common.weights import Arrays, model_to_arrays
+from tests.tasks import make_task
 
 MLP = ModelSpec(name="mlp2nn", input_shape=(1, 8, 8), num_classes=10, hidden=16)
 BN_CNN = ModelSpec(name="cnn", input_shape=(1, 8, 8), num_classes=10, batch_norm=True)
@@ -49,9 +50,7 @@ def _data(seed: int = 0, n: int = 40, scale: float = 1.0, shift: float = 0.0) ->
 
 def _instr(algorithm: str, spec: ModelSpec = MLP, **kw: float) -> RoundInstructions:
     kw.setdefault("lr", 0.1)
-    return RoundInstructions(
-        round=1, seed=0, algorithm=algorithm, model_spec=spec.model_dump_json(), **kw
-    )
+    return make_task(algorithm, spec, **kw)
 
 
 def _gen(seed: int = 0) -> torch.Generator:

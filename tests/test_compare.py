@@ -10,8 +10,9 @@ from typer.testing import CliRunner
 
 from common.atomic import atomic_write_text
 from common.config import load_config
-from common.data import load_dataset
-from common.rundir import METRICS_FILE, SUMMARY_FILE, prepare_run_dir, read_jsonl
+from common.data import open_source
+from common.rows import read_rows
+from common.rundir import METRICS_FILE, PARTITION_FILE, SUMMARY_FILE, prepare_run_dir
 from server.loop import ServerLoop
 from server.summary import summarize
 from simulation.cli import cli
@@ -35,8 +36,10 @@ def _make_run(run_dir: Path, *overrides: str) -> Path:
         ],
     )
     prepare_run_dir(cfg, run_dir)
-    ServerLoop(InProcessGrid(run_dir, 6), cfg, run_dir, load_dataset(cfg.data)).run()
-    summary = summarize(read_jsonl(run_dir / METRICS_FILE))
+    ServerLoop(
+        InProcessGrid(run_dir, 2), cfg, run_dir, open_source(cfg, run_dir / PARTITION_FILE)
+    ).run()
+    summary = summarize(read_rows(run_dir / METRICS_FILE))
     atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     return run_dir
 

@@ -13,18 +13,28 @@ import torch
 
 from client.algorithms import get_algorithm
 from client.algorithms.loop import DeviceData
-from client.evaluation import evaluate_models, finetune
+from client.measure import evaluate_models, finetune
 from common.config import ConfigError, ExperimentConfig, load_config, validate_config
-from common.data import load_dataset
+from common.data import open_source
 from common.models import ModelSpec, build_model
-from common.protocol import RoundInstructions
-from common.rundir import METRICS_FILE, PARTITION_STATS_FILE, STATE_DIR, prepare_run_dir, read_jsonl
+from common.protocol import CONFIG_KEY, RoundInstructions
+from common.rows import RoundRow, read_rows
+from common.rundir import (
+    DEVICES_FILE,
+    METRICS_FILE,
+    PARTITION_FILE,
+    PARTITION_STATS_FILE,
+    STATE_DIR,
+    prepare_run_dir,
+    read_jsonl,
+)
 from common.seeding import torch_generator
 from common.weights import model_to_arrays
-from server.evaluation import DEVICES_FILE, holdout_devices
+from server.device_summary import holdout_devices
 from server.loop import ServerLoop
 from server.summary import LAST_LABEL, summarize
 from tests.inprocess_grid import InProcessGrid
+from tests.tasks import make_task
 
 BASE = [
     "rounds=3",
@@ -39,8 +49,8 @@ def _run(
 ) -> tuple[ExperimentConfig, ServerLoop, InProcessGrid, list[dict[str, Any]]]:
     cfg = load_config(None, [*BASE, *overrides])
     prepare_run_dir(cfg, run_dir)
-    grid = InProcessGrid(run_dir, cfg.partition.num_devices)
-    loop = ServerLoop(grid, cfg, run_dir, load_dataset(cfg.data))
+    grid = InProcessGrid(run_dir, 3)
+    loop = ServerLoop(grid, cfg, run_dir, open_source(cfg, run_dir / PARTITION_FILE))
     loop.run()
     rows: list[dict[str, Any]] = read_jsonl(run_dir / METRICS_FILE)  # type: ignore[assignment]
     return cfg, loop, grid, rows
@@ -52,7 +62,8 @@ def _targets(grid: InProcessGrid, kind: str) -> dict[int, set[int]]:
     for m in grid.sent:
         if m.metadata.message_type == kind:
             rnd = int(m.metadata.group_id)
-            out.setdefault(rnd, set()).add(grid.nodes[m.metadata.dst_node_id])
+            task = RoundInstructions.from_record_fields(m.content[CONFIG_KEY])
+            out.setdefault(rnd, set()).update(task.devices)
     return out
 
 
@@ -65,7 +76,7 @@ def test_holdout_devices_never_train_and_are_always_evaluated(tmp_path: Path) ->
         tmp_path, "evaluation.holdout_fraction=0.25", "strategy.fraction_train=1.0"
     )
     held = set(holdout_devices(cfg))
-    assert len(held) == 2 and held == set(loop.holdout)
+    assert len(held) == 2 and held == set(loop.population.holdout().tolist())
     trained = _targets(grid, "train")
     assert sorted(trained) == [1, 2, 3]
     for devices in trained.values():
@@ -92,7 +103,7 @@ def test_holdout_choice_is_seeded() -> None:
                 "evaluation": {"holdout_fraction": 0.2},
             }
         )
-        return holdout_devices(cfg)
+        return holdout_devices(cfg).tolist()
 
     assert pick(3) == pick(3) and len(pick(3)) == 10
     assert pick(3) != pick(4)
@@ -122,7 +133,9 @@ def test_devices_jsonl_one_sorted_line_per_device_with_roles(tmp_path: Path) -> 
     assert rows[-1]["devices"]["global_acc"]["weighted_mean"] == pytest.approx(
         float((g * n).sum() / n.sum())
     )
-    assert loop.last_device_rows == [{k: v for k, v in x.items() if k != "round"} for x in lines]
+    assert [r.model_dump() for r in loop.last_device_rows] == [
+        {k: v for k, v in x.items() if k != "round"} for x in lines
+    ]
 
 
 def test_all_versus_participants(tmp_path: Path) -> None:
@@ -156,12 +169,9 @@ def test_finetune_scores_the_same_examples_and_takes_exact_steps(
     model = build_model(spec, seed=1)
     arrays = model_to_arrays(model)
     before = {k: v.copy() for k, v in arrays.items()}
-    instr = RoundInstructions(
-        round=1, seed=0, algorithm="fedavg", model_spec=spec.model_dump_json(),
-        batch_size=5, finetune_steps=7,
-    )  # fmt: skip
+    instr = make_task("fedavg", spec, batch_size=5, evaluation={"finetune_steps": 7})
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    import client.evaluation as ce
+    import client.measure as ce
 
     real = ce.evaluate
 
@@ -175,15 +185,16 @@ def test_finetune_scores_the_same_examples_and_takes_exact_steps(
     )
     assert len(seen) == 3  # global, personalized, fine-tuned
     assert all(x is data.x_test and y is data.y_test for x, y in seen)
-    assert out["finetune-steps"] == 7.0  # 5 batches per epoch: one epoch + 2 steps
-    assert out["num-examples"] == 9.0
+    assert out["finetune_steps"] == 7  # 5 batches per epoch: one epoch + 2 steps
+    assert out["num_test"] == 9
     # The served arrays are untouched (the fine-tune worked on the scratch model).
     for k, v in before.items():
         np.testing.assert_array_equal(arrays[k], v)
 
     for steps in (1, 4, 5, 6, 12):
         m = build_model(spec, seed=1)
-        s = instr.model_copy(update={"finetune_steps": steps})
+        e = instr.evaluation.model_copy(update={"finetune_steps": steps})
+        s = instr.model_copy(update={"evaluation": e})
         assert finetune(m, data, s, torch_generator(0, "eval", 1))[1] == steps
 
 
@@ -195,9 +206,7 @@ def test_finetune_is_seeded_and_respects_lr() -> None:
         torch.arange(5),
     )
     spec = ModelSpec(name="logistic", input_shape=(1, 8, 8), num_classes=10)
-    instr = RoundInstructions(
-        round=2, seed=4, algorithm="fedavg", model_spec=spec.model_dump_json(), finetune_steps=3
-    )
+    instr = make_task("fedavg", spec, round_=2, seed=4, evaluation={"finetune_steps": 3})
 
     def tuned(i: RoundInstructions, device: int) -> dict[str, np.ndarray]:
         m = build_model(spec, seed=1)
@@ -207,7 +216,8 @@ def test_finetune_is_seeded_and_respects_lr() -> None:
     a, b, c = tuned(instr, 0), tuned(instr, 0), tuned(instr, 1)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)
-    tiny = tuned(instr.model_copy(update={"finetune_lr": 1e-12}), 0)
+    e = instr.evaluation.model_copy(update={"finetune_lr": 1e-12})
+    tiny = tuned(instr.model_copy(update={"evaluation": e}), 0)
     init = model_to_arrays(build_model(spec, seed=1))
     assert all(np.allclose(tiny[k], init[k], atol=1e-9) for k in init)
 
@@ -217,7 +227,7 @@ def test_evaluation_never_changes_state_or_training(tmp_path: Path) -> None:
     state_dir = tmp_path / "every" / STATE_DIR
     snapshot = {p.name: p.read_bytes() for p in sorted(state_dir.glob("*.safetensors"))}
     assert snapshot
-    loop.evaluate(4, sorted(loop.devices))  # one more evaluation of every device
+    loop.evaluator.run(4, list(range(8)), loop.global_arrays)  # one more, every device
     assert {p.name: p.read_bytes() for p in sorted(state_dir.glob("*.safetensors"))} == snapshot
     # A run that evaluates only at the end trains exactly the same.
     _, loop_end, _, rows_end = _run(tmp_path / "end", "evaluation.every=100")
@@ -246,15 +256,16 @@ def test_finetune_steps_zero_reports_no_finetuned(tmp_path: Path) -> None:
 def test_instructions_carry_the_finetune_settings(tmp_path: Path) -> None:
     cfg = load_config(None, [*BASE, "evaluation.finetune_steps=9", "evaluation.finetune_lr=0.5"])
     prepare_run_dir(cfg, tmp_path)
-    loop = ServerLoop(InProcessGrid(tmp_path, 8), cfg, tmp_path, load_dataset(cfg.data))
-    flat = loop.instructions(2).to_flat()
-    assert flat["finetune_steps"] == 9 and flat["finetune_lr"] == 0.5
-    assert RoundInstructions.from_flat(flat).finetune_steps == 9
+    src = open_source(cfg, tmp_path / PARTITION_FILE)
+    loop = ServerLoop(InProcessGrid(tmp_path, 8), cfg, tmp_path, src)
+    fields = loop.task(2, [0, 1]).to_record_fields()
+    task = RoundInstructions.from_record_fields(fields)
+    assert task.evaluation.finetune_steps == 9 and task.evaluation.finetune_lr == 0.5
 
 
 def test_summary_labels_last_and_best(tmp_path: Path) -> None:
     _, _, _, rows = _run(tmp_path, "evaluation.holdout_fraction=0.25")
-    s = summarize(rows)
+    s = summarize(read_rows(tmp_path / METRICS_FILE))
     assert s["last"]["round"] == 3 and s["last"]["label"] == LAST_LABEL
     for key in ("best_global", "best_personal", "best_finetuned", "best_holdout_finetuned"):
         assert "best round" in s[key]["label"] and "flatters" in s[key]["label"]
@@ -273,11 +284,11 @@ def test_summary_labels_last_and_best(tmp_path: Path) -> None:
 
 
 def test_summary_best_is_the_earliest_maximum() -> None:
-    rows: list[dict[str, Any]] = [
-        {"round": 1, "evaluated": True, "global_test_acc": 0.5},
-        {"round": 2, "evaluated": True, "global_test_acc": 0.7},
-        {"round": 3, "evaluated": True, "global_test_acc": 0.7},
-        {"round": 4, "evaluated": True, "global_test_acc": 0.6},
+    base = {"num_sampled": 1, "num_updates": 1, "num_failed": 0, "num_rejected": 0}
+    base |= {"bytes_up": 1.0, "bytes_down": 1.0, "evaluated": True}
+    rows = [
+        RoundRow.model_validate({**base, "round": r, "global_test_acc": a})
+        for r, a in ((1, 0.5), (2, 0.7), (3, 0.7), (4, 0.6))
     ]
     s = summarize(rows)
     assert s["best_global"]["round"] == 2 and s["last"]["round"] == 4

@@ -129,12 +129,8 @@ def test_inflated_example_count_is_rejected(tmp_path: Path) -> None:
     row = _rows(tmp_path)[0]
     assert row["num_updates"] == 3
     known = len(src.partition.train_idx[0])  # type: ignore[attr-defined]
-    assert row["rejected"] == [
-        {
-            "device": 0,
-            "reason": f"reported 1000000 training examples; the server knows {known} for this device",
-        }
-    ]
+    reason = f"reported 1000000 training examples; the server knows {known} for this device"
+    assert row["rejected"] == [{"device": 0, "reason": reason}]
 
 
 def test_round_without_usable_updates_fails_the_run(tmp_path: Path) -> None:
@@ -284,7 +280,7 @@ def test_every_client_knob_reaches_the_devices_as_set(tmp_path: Path) -> None:
 
 
 def test_fedprox_strategy_needs_the_fedprox_algorithm() -> None:
-    with pytest.raises(ConfigError, match="set client.algorithm = 'fedprox'"):
+    with pytest.raises(ConfigError, match=r"set client\.algorithm = 'fedprox'"):
         load_config(None, ["strategy.name=fedprox", "client.algorithm=ditto"])
 
 

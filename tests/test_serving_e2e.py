@@ -12,11 +12,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from common.evaluation import evaluate
 
 from client.fetch import fetch_model, load_fetched_model
 from common.config import load_config
 from common.data import load_dataset
-from common.evaluation import evaluate
 from simulation.runner import free_port
 from tests.conftest import processes_mentioning
 
