@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.personalization import ALGORITHMS
+
 DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
 PartitionMethod = Literal["iid", "dirichlet", "pathological", "shards", "natural"]
 ModelName = Literal["logistic", "mlp2nn", "cnn"]
@@ -107,6 +109,10 @@ class StrategyConfig(_Section):
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     """FedTrimmedAvg: fraction cut from each end before averaging."""
     round_timeout_s: float = Field(600.0, gt=0.0)
+    max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    """A round in which more than this share of the selected devices fail (crash, dead
+    worker, timeout) stops the run with a non-zero exit and the cause: a run that
+    quietly trains on a fraction of its devices is a different experiment."""
 
 
 class ClientConfig(_Section):
@@ -249,7 +255,7 @@ class ExperimentConfig(_Section):
                 "client.algorithm = 'fedbn' keeps batch-norm layers on the device, but the "
                 "model has none: set model.name = 'cnn' and model.batch_norm = true"
             )
-        if self.client.algorithm in ("fedper", "fedrep") and self.model.name == "logistic":
+        if ALGORITHMS[self.client.algorithm].needs_head and self.model.name == "logistic":
             raise ValueError(
                 f"client.algorithm = '{self.client.algorithm}' keeps the head on the device, "
                 "and the logistic model is all head (nothing would be shared): set "

@@ -161,9 +161,11 @@ class Aggregator:
 
     def configure(self, round_: int, shared: Arrays) -> None:
         """Run the strategy's ``configure_train``; refuse config our devices ignore."""
-        msgs = list(
-            self.strategy.configure_train(round_, to_record(shared), ConfigRecord(), _OneNodeGrid())
-        )
+        with _quiet_flower():
+            record = to_record(shared)
+            msgs = list(
+                self.strategy.configure_train(round_, record, ConfigRecord(), _OneNodeGrid())
+            )
         if not msgs:
             raise AggregationError(f"strategy '{self.cfg.strategy.name}' configured no training")
         sent = dict(msgs[0].content[self.strategy.configrecord_key])

@@ -182,7 +182,7 @@ class ServerLoop:
             self.global_arrays,
         )
         ok = screen(got, self.expected, self.shared, self.population.num_examples)
-        self._require_enough(round_, ok, got.failed)
+        self._require_enough(round_, chosen, ok, got.failed)
         self.global_arrays.update(self._aggregate(round_, ok))
         reports = ok.reports()
         weights = [float(self.population.num_examples(r.device)) for r in reports]
@@ -215,15 +215,22 @@ class ServerLoop:
         )
         return row, [r.device for r in reports], [r.train_time_s for r in reports]
 
-    def _require_enough(self, round_: int, ok: Screened, failed: list[DeviceIssue]) -> None:
-        n = len(ok.devices)
-        if n >= self.cfg.strategy.min_train_devices:
-            return
-        reasons = [f"device {f.device}: {f.reason}" for f in failed + ok.rejected]
-        raise RunFailed(
-            f"round {round_}: {n} usable updates, fewer than strategy.min_train_devices="
-            f"{self.cfg.strategy.min_train_devices}. " + " | ".join(reasons[:3])
-        )
+    def _require_enough(
+        self, round_: int, chosen: list[int], ok: Screened, failed: list[DeviceIssue]
+    ) -> None:
+        n, s = len(ok.devices), self.cfg.strategy
+        reasons = " | ".join(f"device {f.device}: {f.reason}" for f in (failed + ok.rejected)[:3])
+        if n < s.min_train_devices:
+            raise RunFailed(
+                f"round {round_}: {n} usable updates, fewer than strategy.min_train_devices="
+                f"{s.min_train_devices}. {reasons}"
+            )
+        if len(failed) > s.max_failed_fraction * len(chosen):
+            raise RunFailed(
+                f"round {round_}: {len(failed)} of {len(chosen)} selected devices failed, more "
+                f"than strategy.max_failed_fraction={s.max_failed_fraction:g} (raise it to "
+                f"accept this). {reasons}"
+            )
 
     def _aggregate(self, round_: int, ok: Screened) -> Arrays:
         updates = [

@@ -321,3 +321,16 @@ def test_a_device_error_reply_fails_its_whole_message(tmp_path: Path) -> None:
         {"device": 1, "reason": "worker died"},
     ]
     assert row["num_updates"] == 2
+
+
+def test_repeated_failures_stop_the_run_with_the_cause(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "simulation.devices_per_message=1")
+
+    def crash(node: int, msg: Message, reply: Message) -> Message | None:
+        task = RoundInstructions.from_record_fields(msg.content[CONFIG_KEY])
+        if msg.metadata.message_type == "train" and task.devices[0] != 0:
+            return Message(Error(code=1, reason="ActorDiedError: worker died"), reply_to=msg)
+        return None
+
+    with pytest.raises(RunFailed, match=r"3 of 4 selected devices failed.*max_failed_fraction"):
+        ServerLoop(InProcessGrid(tmp_path, 2, crash), cfg, tmp_path, src).run()
