@@ -82,6 +82,13 @@ def simulate(
     from simulation.runner import RunnerError
     from simulation.runner import simulate as run_sim
 
+    if serve and port:
+        from simulation.serving import check_port_free
+
+        try:
+            check_port_free(host, port)
+        except RunnerError as err:
+            fail(str(err))
     prep = prepare(config, set_ or [], out, check=True)
     cfg, run_dir, stats = prep.cfg, prep.run_dir, prep.stats
     s = stats.get("summary", {})
@@ -150,10 +157,22 @@ def serve_cmd(
         fail(str(err))
     if token is None:
         echo("write API disabled (set HYBRIDFL_TOKEN or --token-file to enable it)")
-    # uvicorn stops gracefully on SIGINT and SIGTERM; SIGHUP (a closed terminal) does too.
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again
+    # under the handlers it found: ours, which end like Ctrl-C. SIGHUP (a closed
+    # terminal) is passed on as SIGTERM, so it shuts down gracefully too.
+    if port == 0:
+        from simulation.flwr_cli import free_port
+
+        port = free_port()
+    signals_as_interrupt()
     signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
-    uvicorn.run(create_app(run_dir, token), host=host, port=port, log_level="warning")
+    try:
+        app = create_app(run_dir, token)
+        # uvicorn.Server, not uvicorn.run: the latter swallows KeyboardInterrupt
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except KeyboardInterrupt as err:
+        exit_interrupted(err, "the model server is stopped")
 
 
 @cli.command("fetch")

@@ -342,7 +342,7 @@ def deploy_cmd(
 
 def device_data_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A prepared run folder.")],
-    device_id: Annotated[int, typer.Option("--device-id", min=0)],
+    device_id: Annotated[int, typer.Option("--device-id", min=0, help="The device's id.")],
     out: Annotated[Path, typer.Option("--out", help="Device data file to write (.npz).")],
 ) -> None:
     """Write one device's own split (train and test) to a file for that device's disk."""
