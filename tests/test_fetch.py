@@ -136,12 +136,39 @@ def test_damaged_cache_file_is_fetched_again(served: ServerProcess, tmp_path: Pa
         load_fetched_model(again)
 
 
+def test_no_lock_files_stay_in_the_cache(served: ServerProcess, tmp_path: Path) -> None:
+    """Concurrent fetches of one version serialise on a lock file that is then removed."""
+    cache = tmp_path / "cache"
+    results: list[FetchResult] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            results.append(fetch_model(served.url, version=0, cache_dir=cache))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == 4
+    assert sum(r.downloaded for r in results) >= 1
+    assert len({r.sha256 for r in results}) == 1
+    fetch_model(served.url, version=0, cache_dir=cache)  # a current cache: nothing fetched
+    assert sorted(p.name for p in cache.iterdir()) == [f"{results[0].sha256}.safetensors"]
+
+
 def test_clear_errors(served: ServerProcess, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"version 99 not found"):
         fetch_model(served.url, version=99, cache_dir=tmp_path)
-    with pytest.raises(FetchError, match="not valid"):
-        fetch_model(served.url, alias="stable", cache_dir=tmp_path)
-    with pytest.raises(FetchError, match="invalid alias"):
+    with pytest.raises(FetchError) as unknown:
+        fetch_model(served.url, alias="nope", cache_dir=tmp_path)
+    message = str(unknown.value)  # a sentence naming the valid aliases, not pydantic JSON
+    assert "unknown alias 'nope'" in message and "'latest' and 'serving'" in message
+    assert "{" not in message
+    with pytest.raises(FetchError, match="unknown alias"):
         fetch_model(served.url, alias="../versions/1", cache_dir=tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -168,9 +195,11 @@ def test_server_side_corruption_and_new_versions(
     second = fetch_model(server.url, cache_dir=tmp_path / "c")
     assert second.downloaded and second.sha256 == newer.sha256 and first.path.exists()
     blob = registry.blob_path(0)
+    size = blob.stat().st_size
     blob.write_bytes(blob.read_bytes()[:100])
-    with pytest.raises(FetchError, match="refuses to serve version 0"):
+    with pytest.raises(FetchError, match="refuses to serve version 0") as refused:
         fetch_model(server.url, version=0, cache_dir=tmp_path / "c")
+    assert f"truncated: 100 bytes, the manifest says {size}" in str(refused.value)
 
 
 # -------------------------------------------------------------- a lying server

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.registry import Registry
 from tests.serving_fixtures import (
@@ -171,14 +172,24 @@ def test_health_ready_metrics_docs(client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["serving_version"] == 2
     client.get(f"{API}/versions/0/weights", headers={"If-None-Match": "*"})
-    text = client.get("/metrics").text
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
     assert "# TYPE hybridfl_http_requests_total counter" in text
-    assert (
-        'hybridfl_http_requests_total{method="GET",route="/v1/models/global/versions/'
-        '{version}/weights",status="304"}' in text
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    route = "/v1/models/global/versions/{version}/weights"
+    key = (
+        "hybridfl_http_requests_total",
+        (("method", "GET"), ("route", route), ("status", "304")),
     )
-    assert "hybridfl_serving_version 2" in text and "hybridfl_serving_round 2" in text
-    assert "hybridfl_http_response_body_bytes_total" in text
+    assert values[key] >= 1
+    assert values[("hybridfl_serving_version", ())] == 2
+    assert values[("hybridfl_serving_round", ())] == 2
+    assert values[("hybridfl_http_response_body_bytes_total", ())] > 0
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert f"{API}/versions/{{version}}/weights" in spec["paths"]
@@ -257,7 +268,7 @@ def test_rollback_moves_serving_etag_and_readiness(
     assert rolled.status_code == 200 and rolled.json()["pinned"] is True
     assert served_etag() == f'"{manifests[1].sha256}"'
     assert c.get("/readyz").status_code == 200
-    assert "hybridfl_serving_version 1" in c.get("/metrics").text
+    assert "hybridfl_serving_version 1.0" in c.get("/metrics").text
 
     # A pin survives a publish and a restart of the server (it is a file).
     publish_many(registry, 1, start=3)
