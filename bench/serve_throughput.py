@@ -42,11 +42,12 @@ def serve(run_dir: Path, port_file: Path, memory_cache_mib: int) -> None:
     import uvicorn
     from starlette.responses import FileResponse
 
+    from common.rundir import REGISTRY_DIR
     from server.http import create_app
     from server.registry import Registry
 
     app = create_app(run_dir, token=None, memory_cache_bytes=memory_cache_mib * MIB)
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
 
     @app.get("/baseline/{version}", include_in_schema=False)
     def baseline(version: int) -> FileResponse:
@@ -128,9 +129,10 @@ def _make_versions(run_dir: Path, sizes_mib: list[int]) -> dict[int, tuple[int, 
     """Publish one version per size; returns size_mib -> (version, sha256, bytes)."""
     import numpy as np
 
+    from common.rundir import REGISTRY_DIR
     from server.registry import Registry
 
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     rng = np.random.default_rng(0)
     out = {}
     for i, mib in enumerate(sizes_mib):

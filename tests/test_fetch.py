@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from client.fetch import FetchError, FetchResult, fetch_model, load_fetched_model
+from common.rundir import REGISTRY_DIR
 from common.weights import model_to_arrays
 from server.registry import Registry
 from tests.serving_fixtures import (
@@ -42,7 +43,7 @@ def server_factory() -> Iterator[StartServer]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """v0: small model; v1 (serving): ~4.5 MB, so a transfer can be cut midway."""
     run_dir = tmp_path_factory.mktemp("fetch") / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 1)
     registry.publish(model_arrays(1, BIG_SPEC), round=1, model=BIG_SPEC)
     server = start_model_server_process(run_dir)
@@ -183,7 +184,7 @@ def test_server_side_corruption_and_new_versions(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     server = server_factory(run_dir)
     with pytest.raises(FetchError, match="not set"):
         fetch_model(server.url, cache_dir=tmp_path / "c")
@@ -234,7 +235,7 @@ class _LyingHandler(BaseHTTPRequestHandler):
 
 
 def test_refuses_bytes_that_do_not_match_the_manifest(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "run" / "registry")
+    registry = Registry(tmp_path / "run" / REGISTRY_DIR)
     (manifest,) = publish_many(registry, 1)
     good = registry.blob_path(0).read_bytes()
     bad = bytearray(good)

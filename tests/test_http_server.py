@@ -13,6 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from common.rundir import METRICS_FILE, REGISTRY_DIR
 from server.registry import Registry
 from tests.serving_fixtures import (
     SPEC,
@@ -40,10 +41,10 @@ def server_factory() -> Iterator[StartServer]:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A read-mostly server over 3 versions and a metrics log with a torn last line."""
     run_dir = tmp_path_factory.mktemp("shared") / "run"
-    publish_many(Registry(run_dir / "registry"), 3)
+    publish_many(Registry(run_dir / REGISTRY_DIR), 3)
     lines = [json.dumps({"round": r, "accuracy": 0.5 + r / 10}) for r in range(3)]
     lines.append(json.dumps({"round": 3, "loss": float("nan")}))
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"round": 4, "acc')
+    (run_dir / METRICS_FILE).write_text("\n".join(lines) + '\n{"round": 4, "acc')
     server = start_model_server_process(run_dir, token=TOKEN)
     yield server
     server.stop()
@@ -233,7 +234,7 @@ def test_write_api_auth(client: httpx.Client) -> None:
 
 def test_writes_disabled_without_token(tmp_path: Path, server_factory: StartServer) -> None:
     run_dir = tmp_path / "run"
-    publish_many(Registry(run_dir / "registry"), 1)
+    publish_many(Registry(run_dir / REGISTRY_DIR), 1)
     server = server_factory(run_dir)
     r = httpx.put(f"{server.url}{API}/aliases/serving", json={"version": 0}, headers=auth())
     assert r.status_code == 403 and "HYBRIDFL_TOKEN" in r.json()["detail"]
@@ -243,7 +244,7 @@ def test_rollback_moves_serving_etag_and_readiness(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     manifests = publish_many(registry, 3)
     server = server_factory(run_dir, token=TOKEN)
     c = httpx.Client(base_url=server.url, timeout=10, follow_redirects=True)
@@ -288,7 +289,7 @@ def test_corruption_is_detected_even_after_verification(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 2)
     server = server_factory(run_dir)
     c = httpx.Client(base_url=server.url, timeout=10)
@@ -308,7 +309,7 @@ def test_publish_during_reads_serves_whole_versions(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 1)
     server = server_factory(run_dir)
     published: dict[str, int] = {registry.get(0).sha256: 0}
@@ -351,7 +352,7 @@ def test_publish_killed_midway_serves_nothing_partial(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     before = publish_many(registry, 2)
     server = server_factory(run_dir)
     c = httpx.Client(base_url=server.url, timeout=10)

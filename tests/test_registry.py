@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 import server.registry as registry_module
+from common.rundir import REGISTRY_DIR
 from server.registry import NotVerified, Registry, VersionNotFound
 from tests.serving_fixtures import SPEC, model_arrays, publish_and_kill, publish_many
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "run" / "registry")
+    return Registry(tmp_path / "run" / REGISTRY_DIR)
 
 
 def test_publish_writes_manifest_blob_and_aliases(registry: Registry) -> None:
