@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_CACHE = 256 << 20
 MAX_BODY_BYTES = 4096
+MAX_PREDICT_BYTES = 16 << 20
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -110,27 +111,30 @@ class MetricsMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+    """413 for request bodies over the limit, declared or streamed: ``limit`` bytes,
+    ``predict_limit`` for the predict endpoints (their body is a batch of inputs)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, predict_limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.predict_limit = predict_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        predict = scope["method"] == "POST" and scope["path"].endswith("/predict")
+        limit = self.predict_limit if predict else self.default_limit
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject(scope, receive, send)
+                    await self._reject(scope, receive, send, limit)
                     return
         received = 0
-        limit = self.limit
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -144,9 +148,10 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = JSONResponse(
-            {"detail": f"request body over {self.limit} bytes"},
+            {"detail": f"request body over {limit} bytes"},
             status_code=413,
             headers={"connection": "close"},
         )
@@ -268,11 +273,14 @@ def create_app(
     *,
     memory_cache_bytes: int = DEFAULT_MEMORY_CACHE,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_predict_bytes: int = MAX_PREDICT_BYTES,
 ) -> FastAPI:
     """The model server of one run folder (its registry and metrics log).
 
     ``token`` enables the write API (``None``: writes answer 403 with how to
     enable them). ``memory_cache_bytes`` bounds the verified blobs kept in RAM.
+    Request bodies are limited to ``max_body_bytes``, predict bodies (a batch
+    of inputs) to ``max_predict_bytes``.
     """
     run_dir = Path(run_dir)
     if token is not None:
@@ -283,6 +291,7 @@ def create_app(
         registry=registry,
         token=token,
         blobs=http_models.BlobCache(registry, memory_cache_bytes),
+        models=http_models.ModelCache(registry),
         rounds=http_rounds.RoundsLog(run_dir / METRICS_FILE),
         metrics=ServerMetrics(registry),
     )
@@ -297,6 +306,7 @@ def create_app(
         redoc_url=None,
     )
     app.state.settings = settings
+    settings.metrics.model_builds = lambda: settings.models.builds
     app.include_router(http_models.router)
     app.include_router(http_rounds.router)
     weights_routes = http_models.add_weights_routes(app)
@@ -349,7 +359,7 @@ def create_app(
 
     # add_middleware wraps: the last added runs first (metrics see every request).
     app.add_middleware(http_models.HotRoutes, routes=weights_routes, settings=settings)
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes, predict_limit=max_predict_bytes)
     app.add_middleware(MetricsMiddleware, metrics=settings.metrics)
     log.info(
         "model server over %s (writes %s)", run_dir, "enabled" if token else "disabled: no token"

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -22,7 +22,7 @@ from prometheus_client.registry import Collector
 from server.registry import ALIASES, AliasDamaged, Registry, RegistryError
 
 if TYPE_CHECKING:  # the routers import this module: no runtime import back
-    from server.http_models import BlobCache
+    from server.http_models import BlobCache, ModelCache
     from server.http_rounds import RoundsLog
 
 TOKEN_ENV = "HYBRIDFL_TOKEN"
@@ -121,6 +121,8 @@ class ServerMetrics:
     def __init__(self, registry: Registry) -> None:
         self.requests: dict[tuple[str, str, int], int] = {}
         self.bytes_sent = 0
+        self.model_builds: Callable[[], int] = lambda: 0
+        """Set by ``create_app`` to read the model cache's build count."""
         self.collectors = CollectorRegistry(auto_describe=True)
         self.collectors.register(_RequestCollector(self))
         self.collectors.register(RegistryCollector(registry))
@@ -149,6 +151,11 @@ class _RequestCollector(Collector):
             "Response body bytes sent.",
             value=self.metrics.bytes_sent,
         )
+        yield CounterMetricFamily(
+            "hybridfl_predict_model_builds",
+            "Models built for predictions (once per version while it stays cached).",
+            value=self.metrics.model_builds(),
+        )
 
 
 @dataclass
@@ -159,6 +166,7 @@ class Settings:
     registry: Registry
     token: str | None
     blobs: BlobCache
+    models: ModelCache
     rounds: RoundsLog
     metrics: ServerMetrics
 
