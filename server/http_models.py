@@ -111,6 +111,9 @@ class ModelSummary(BaseModel):
     latest_version: int | None
     serving_version: int | None
     aliases: dict[str, AliasView | None]
+    problems: dict[str, str] = Field(
+        default_factory=dict, description="Aliases whose file is damaged, with the reason."
+    )
 
 
 class UnavailableVersion(BaseModel):
@@ -563,14 +566,8 @@ _UNAVAILABLE = {"model": ErrorBody, "description": "A registry file is damaged (
 
 
 # ------------------------------------------------------------------------ routes
-class ModelSummaryWithProblems(ModelSummary):
-    problems: dict[str, str] = Field(
-        default_factory=dict, description="Aliases whose file is damaged, with the reason."
-    )
-
-
-@router.get("", response_model=ModelSummaryWithProblems, summary="Aliases and version count")
-def model_summary(settings: SettingsDep) -> ModelSummaryWithProblems:
+@router.get("", response_model=ModelSummary, summary="Aliases and version count")
+def model_summary(settings: SettingsDep) -> ModelSummary:
     reg = settings.registry
     numbers = reg.version_numbers()
     views: dict[str, AliasView | None] = {}
@@ -586,7 +583,7 @@ def model_summary(settings: SettingsDep) -> ModelSummaryWithProblems:
             else None
         )
     serving = views.get("serving")
-    return ModelSummaryWithProblems(
+    return ModelSummary(
         version_count=len(numbers),
         latest_version=numbers[-1] if numbers else None,
         serving_version=serving.version if serving else None,
