@@ -298,16 +298,16 @@ def floor_child(args: argparse.Namespace) -> dict[str, Any]:
 def flower_child(args: argparse.Namespace) -> dict[str, Any]:
     """Variant (b): the quickstart-style app under a fresh SuperLink (simulation mode)."""
     from common.rundir import read_jsonl
-    from simulation.runner import (
+    from simulation.flwr_cli import (
         CONNECTION,
         RunnerError,
         flwr_env,
         free_port,
-        ray_tmpdir,
         run_status,
-        wait_healthy,
-        write_flower_config,
     )
+    from simulation.flwr_cli import wait_superlink as wait_healthy
+    from simulation.flwr_cli import write_connection as write_flower_config
+    from simulation.runner import ray_tmpdir
 
     work = Path(args.workdir).resolve()
     logs = work / "logs"

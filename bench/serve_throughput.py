@@ -6,7 +6,10 @@ Side by side in one uvicorn process (same event loop, same client, interleaved
 repetitions, median): our ``/v1/models/global/versions/{n}/weights`` versus a
 plain Starlette ``FileResponse`` of the same blob with default settings. Then
 304 revalidations per second on one keep-alive connection (the pattern of a
-device checking for a new model) and with several concurrent connections.
+device checking for a new model) and with several concurrent connections. Then
+predictions per second from ``POST .../versions/{n}/predict`` (a ``.npy`` batch
+of 1 and of 64 MNIST-sized inputs, McMahan's CNN) against a plain torch loop
+over the same model in this process (what a caller embedding the model gets).
 
 The client is ``http.client`` reading into a preallocated buffer, so the client
 costs little and the numbers say what the server can do. Reference numbers on
@@ -34,6 +37,7 @@ if str(ROOT) not in sys.path:
 
 MIB = 1 << 20
 SPEC = {"name": "logistic", "input_shape": [1, 8, 8], "num_classes": 10}
+PREDICT_SPEC = {"name": "cnn", "input_shape": [1, 28, 28], "num_classes": 10}
 
 
 # ------------------------------------------------------------------ server side
@@ -42,11 +46,12 @@ def serve(run_dir: Path, port_file: Path, memory_cache_mib: int) -> None:
     import uvicorn
     from starlette.responses import FileResponse
 
+    from common.rundir import REGISTRY_DIR
     from server.http import create_app
     from server.registry import Registry
 
     app = create_app(run_dir, token=None, memory_cache_bytes=memory_cache_mib * MIB)
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
 
     @app.get("/baseline/{version}", include_in_schema=False)
     def baseline(version: int) -> FileResponse:
@@ -124,13 +129,55 @@ def _revalidations(port: int, path: str, etag: str, seconds: float, conns: int) 
     return sum(counts) / (time.perf_counter() - t0)
 
 
+def _post(conn: http.client.HTTPConnection, path: str, body: bytes) -> None:
+    conn.request("POST", path, body=body, headers={"content-type": "application/x-npy"})
+    resp = conn.getresponse()
+    data = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"{path}: HTTP {resp.status}: {data[:200]!r}")
+
+
+def _predictions(port: int, version: int, batch: int, seconds: float) -> tuple[float, float]:
+    """(server predictions/s over HTTP, plain torch loop predictions/s), same model."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from common.models import ModelSpec, build_model
+
+    x = np.random.default_rng(0).random((batch, 1, 28, 28), dtype=np.float32)
+    buf = io.BytesIO()
+    np.save(buf, x, allow_pickle=False)
+    body = buf.getvalue()
+    path = f"/v1/models/global/versions/{version}/predict"
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    _post(conn, path, body)  # warm-up: the model is built on the first request
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _post(conn, path, body)
+        n += 1
+    served = n * batch / (time.perf_counter() - t0)
+    conn.close()
+
+    model = build_model(ModelSpec.model_validate(PREDICT_SPEC), seed=0).eval()
+    tensor = torch.from_numpy(x)
+    n, t0 = 0, time.perf_counter()
+    with torch.inference_mode():
+        while time.perf_counter() - t0 < seconds:
+            torch.topk(torch.softmax(model(tensor), dim=1), 5, dim=1)
+            n += 1
+    return served, n * batch / (time.perf_counter() - t0)
+
+
 def _make_versions(run_dir: Path, sizes_mib: list[int]) -> dict[int, tuple[int, str, int]]:
     """Publish one version per size; returns size_mib -> (version, sha256, bytes)."""
     import numpy as np
 
+    from common.rundir import REGISTRY_DIR
     from server.registry import Registry
 
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     rng = np.random.default_rng(0)
     out = {}
     for i, mib in enumerate(sizes_mib):
@@ -142,11 +189,25 @@ def _make_versions(run_dir: Path, sizes_mib: list[int]) -> dict[int, tuple[int, 
     return out
 
 
+def _make_predict_version(run_dir: Path) -> int:
+    from common.models import ModelSpec, build_model
+    from common.rundir import REGISTRY_DIR
+    from common.weights import model_to_arrays
+    from server.registry import Registry
+
+    model = build_model(ModelSpec.model_validate(PREDICT_SPEC), seed=0)
+    registry = Registry(run_dir / REGISTRY_DIR)
+    return registry.publish(model_to_arrays(model), round=99, model=PREDICT_SPEC).version
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1,10,50", help="model sizes in MiB")
     parser.add_argument("--reps", type=int, default=15, help="repetitions per size and server")
     parser.add_argument("--seconds", type=float, default=3.0, help="per 304 measurement")
+    parser.add_argument(
+        "--predict-seconds", type=float, default=3.0, help="per predictions/s measurement"
+    )
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -173,6 +234,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hybridfl-bench-") as tmp:
         run_dir = Path(tmp) / "run"
         versions = _make_versions(run_dir, sizes)
+        predict_version = _make_predict_version(run_dir)
         procs: list[subprocess.Popen[bytes]] = []
         try:
             # Server A: blobs served from the verified in-memory cache (the default),
@@ -217,6 +279,13 @@ def main() -> None:
                     "sequential, 1 keep-alive conn" if conns == 1 else f"{conns} concurrent conns"
                 )
                 print(f"304 revalidations/s ({kind}): {rates[conns]:,.0f}")
+            print()
+            for batch in (1, 64):
+                served, plain = _predictions(port_mem, predict_version, batch, args.predict_seconds)
+                print(
+                    f"predictions/s, batch {batch:>2} (CNN, 1x28x28): served {served:,.0f}, "
+                    f"plain torch loop {plain:,.0f} ({served / plain:.0%} of it)"
+                )
             print()
             print("targets (2-core machine):")
             if 10 in results:

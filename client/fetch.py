@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from common.atomic import fsync_dir
-from common.manifest import VersionManifest, is_sha256_hex
+from common.manifest import ALIASES, VersionManifest, is_sha256_hex
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +33,6 @@ if TYPE_CHECKING:
 __all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model"]
 
 API = "/v1/models/global"
-_ALIAS = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 CHUNK = 1 << 20
 DEFAULT_TIMEOUT = 30.0
 
@@ -72,13 +70,41 @@ def _hash_file(path: Path) -> str:
 
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
-    """Two processes fetching into one cache must not write the same .incomplete."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    """Two processes fetching into one cache must not write the same .incomplete.
+
+    The lock file is removed when done, so the cache holds only models (no
+    zero-byte ``.lock`` per version ever fetched). Removing a lock file others
+    may wait on is safe only with a check: whoever gets the lock makes sure the
+    path still names the file it locked, else it locked a removed file and
+    tries again on the current one.
+    """
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is None or (current.st_ino, current.st_dev) != (mine.st_ino, mine.st_dev):
+                continue  # the holder before us removed it: lock the new one
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)  # still holding the lock
+            return
+        finally:
+            os.close(fd)
+
+
+def _validation_message(response: httpx.Response) -> str:
+    """The first message of a FastAPI 422 body, as a sentence (not raw JSON)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        first = response.json()["detail"][0]
+        return str(first["msg"])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return response.text[:300]
 
 
 def _detail(response: httpx.Response) -> str:
@@ -128,7 +154,7 @@ class _Fetcher:
         if r.status_code == 404:
             raise FetchError(f"{what} not found on {self.base_url}: {_detail(r)}")
         if r.status_code == 422:
-            raise FetchError(f"{what} is not valid on {self.base_url}: {r.text[:300]}")
+            raise FetchError(f"{what} is not valid on {self.base_url}: {_validation_message(r)}")
         if r.status_code != 200:
             raise FetchError(f"{what}: HTTP {r.status_code} from {self.base_url}: {_detail(r)}")
         try:
@@ -306,8 +332,11 @@ def fetch_model(
     must be ``base_url``).
     """
     base_url = base_url.rstrip("/")
-    if not _ALIAS.fullmatch(alias):  # it goes into a URL path: no "../" tricks
-        raise FetchError(f"invalid alias {alias!r}: use letters, digits, '-' or '_'")
+    if version is None and alias not in ALIASES:  # it goes into a URL path: known names only
+        raise FetchError(
+            f"unknown alias {alias!r}: the model server's aliases are "
+            f"{' and '.join(repr(a) for a in ALIASES)} (or give a version number)"
+        )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     own = client is None

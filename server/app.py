@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.atomic import atomic_write_bytes, atomic_write_text
 from common.config import default_config_path, load_config
 from common.data import open_source
+from common.manifest import model_manifest
 from common.models import ModelSpec
 from common.rows import read_rows
 from common.rundir import (
@@ -67,23 +68,19 @@ def resolve_run_dir(run_config: dict[str, object]) -> Path:
 
 
 def save_final_model(loop: ServerLoop, run_dir: Path) -> str:
-    """The final global weights and their manifest (counted like a registry version:
-    every value of every array, batch-norm statistics included)."""
+    """The final global weights and their manifest (one schema with the registry's)."""
     blob = to_safetensors(loop.global_arrays)
     digest = sha256_hex(blob)
     atomic_write_bytes(run_dir / MODEL_FILE, blob)
-    text = json.dumps(
-        {
-            "round": loop.cfg.rounds,
-            "sha256": digest,
-            "parameter_count": int(sum(a.size for a in loop.global_arrays.values())),
-            "model": loop.spec.model_dump(),
-            "metrics": loop.last_metrics,
-        },
-        indent=1,
-        sort_keys=True,
+    manifest = model_manifest(
+        loop.global_arrays,
+        loop.spec,
+        round=loop.cfg.rounds,
+        sha256=digest,
+        size=len(blob),
+        metrics=loop.last_metrics,
     )
-    atomic_write_text(run_dir / MANIFEST_FILE, text + "\n")
+    atomic_write_text(run_dir / MANIFEST_FILE, manifest.to_json() + "\n")
     return digest
 
 

@@ -8,16 +8,26 @@ revalidation, must stay in the thousands of requests per second.
 
 from __future__ import annotations
 
+import html
 import logging
+import math
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import generate_latest
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from common.rundir import METRICS_FILE, REGISTRY_DIR
 from server import http_models, http_rounds
 from server.http_deps import TOKEN_ENV, ServerMetrics, Settings, SettingsDep, check_token
 from server.registry import Registry, RegistryError
@@ -28,20 +38,40 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_CACHE = 256 << 20
 MAX_BODY_BYTES = 4096
+MAX_PREDICT_BYTES = 16 << 20
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def load_token(env: str = TOKEN_ENV, file: Path | None = None) -> str | None:
     """The write-API token: from ``file`` when given, else from env var ``env``.
 
     Returns None when neither is set (writes disabled). Raises ``ValueError``
-    for an unreadable/empty file or a weak token, so a typo never silently
-    turns auth off or on.
+    for an unreadable/empty file, a file other users can read or write, or a
+    weak token, so a typo never silently turns auth off or on. A group-readable
+    file is accepted with a warning (some secret mounts are 0640).
     """
     if file is not None:
+        file = Path(file)
         try:
-            text = Path(file).read_text(encoding="utf-8")
+            mode = file.stat().st_mode
+            text = file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ValueError(f"cannot read token file {file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"token file {file} is not UTF-8 text") from None
+        if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            raise ValueError(
+                f"token file {file} is readable or writable by other users "
+                f"(mode {stat.S_IMODE(mode):04o}); restrict it with `chmod 600 {file}`"
+            )
+        if mode & stat.S_IRGRP:
+            log.warning(
+                "token file %s is readable by its group (mode %04o); `chmod 600 %s` keeps "
+                "it to its owner",
+                file,
+                stat.S_IMODE(mode),
+                file,
+            )
         if not text.strip():
             raise ValueError(f"token file {file} is empty")
         return check_token(text)
@@ -77,33 +107,34 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, counting_send)
         finally:
-            label = scope.get("hybridfl.route") or getattr(scope.get("route"), "path", "other")
-            key = (scope["method"], label, status)
-            metrics.requests[key] = metrics.requests.get(key, 0) + 1
+            metrics.count(scope["method"], getattr(scope.get("route"), "path", "other"), status)
 
 
 class BodyLimitMiddleware:
-    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+    """413 for request bodies over the limit, declared or streamed: ``limit`` bytes,
+    ``predict_limit`` for the predict endpoints (their body is a batch of inputs)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, predict_limit: int) -> None:
         self.app = app
-        self.limit = limit
+        self.default_limit = limit
+        self.predict_limit = predict_limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        predict = scope["method"] == "POST" and scope["path"].endswith("/predict")
+        limit = self.predict_limit if predict else self.default_limit
         for name, value in scope["headers"]:
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.limit
+                    too_big = int(value) > limit
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject(scope, receive, send)
+                    await self._reject(scope, receive, send, limit)
                     return
         received = 0
-        limit = self.limit
 
         async def limited_receive() -> Message:
             nonlocal received
@@ -117,13 +148,69 @@ class BodyLimitMiddleware:
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @staticmethod
+    async def _reject(scope: Scope, receive: Receive, send: Send, limit: int) -> None:
         response = JSONResponse(
-            {"detail": f"request body over {self.limit} bytes"},
+            {"detail": f"request body over {limit} bytes"},
             status_code=413,
             headers={"connection": "close"},
         )
         await response(scope, receive, send)
+
+
+# ------------------------------------------------------------- error handlers
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/Infinity: echo such inputs as strings in error bodies."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422 body, safe for inputs such as ``NaN`` (its own handler fails
+    to encode them and answers 500)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = _finite(jsonable_encoder(exc.errors()))
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _template_matches(template: str, path: str) -> bool:
+    """``/v1/x/{version}`` matches ``/v1/x/7``: a ``{param}`` segment takes any one segment."""
+    want, have = template.split("/"), path.split("/")
+    return len(want) == len(have) and all(
+        w == h or (w.startswith("{") and w.endswith("}") and h)
+        for w, h in zip(want, have, strict=True)
+    )
+
+
+def _allowed_methods(app: FastAPI, path: str) -> str | None:
+    """The methods the documented API serves at ``path`` (from the OpenAPI paths,
+    which list every route, so the answer cannot drift from the routes)."""
+    allowed = {
+        method.upper()
+        for template, operations in app.openapi().get("paths", {}).items()
+        if _template_matches(template, path)
+        for method in operations
+    }
+    return ", ".join(sorted(allowed)) if allowed else None
+
+
+async def _method_not_allowed(request: Request, exc: Exception) -> JSONResponse:
+    """405 whose ``Allow`` lists every method of the path (Starlette names only the
+    first route's, e.g. GET where GET and HEAD both work)."""
+    assert isinstance(exc, StarletteHTTPException)
+    allow = _allowed_methods(request.app, get_route_path(request.scope))
+    if allow is None:
+        allow = (exc.headers or {}).get("Allow", "")
+    return JSONResponse(
+        {"detail": f"method {request.method} is not allowed here; allowed: {allow}"},
+        status_code=405,
+        headers={"Allow": allow},
+    )
 
 
 # ----------------------------------------------------------------------- routes
@@ -133,48 +220,51 @@ class Health(BaseModel):
     detail: str | None = None
 
 
-def _metrics_text(settings: Settings) -> str:
-    reg = settings.registry
-    m = settings.metrics
-    lines = [
-        "# HELP hybridfl_http_requests_total HTTP requests by method, route template, status.",
-        "# TYPE hybridfl_http_requests_total counter",
-    ]
-    for (method, route, status), n in sorted(m.requests.items()):
-        route_label = route.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        lines.append(
-            f'hybridfl_http_requests_total{{method="{method}",route="{route_label}",'
-            f'status="{status}"}} {n}'
-        )
-    lines += [
-        "# HELP hybridfl_http_response_body_bytes_total Response body bytes sent.",
-        "# TYPE hybridfl_http_response_body_bytes_total counter",
-        f"hybridfl_http_response_body_bytes_total {m.bytes_sent}",
-    ]
-    numbers = reg.version_numbers()
-    serving_version, serving_round = -1, -1
+def _swagger_assets() -> Path | None:
+    """Swagger UI's files from the optional ``swagger-ui-bundle`` package, if installed."""
     try:
-        state = reg.alias("serving")
-        if state is not None:
-            serving_version = state.version
-            serving_round = reg.get(state.version).round
-    except RegistryError:
-        pass
-    lines += [
-        "# HELP hybridfl_registry_versions Published global-model versions.",
-        "# TYPE hybridfl_registry_versions gauge",
-        f"hybridfl_registry_versions {len(numbers)}",
-        "# HELP hybridfl_latest_version Newest published version (-1: none).",
-        "# TYPE hybridfl_latest_version gauge",
-        f"hybridfl_latest_version {numbers[-1] if numbers else -1}",
-        "# HELP hybridfl_serving_version Version served to devices (-1: none).",
-        "# TYPE hybridfl_serving_version gauge",
-        f"hybridfl_serving_version {serving_version}",
-        "# HELP hybridfl_serving_round Training round of the serving version (-1: none).",
-        "# TYPE hybridfl_serving_round gauge",
-        f"hybridfl_serving_round {serving_round}",
-    ]
-    return "\n".join(lines) + "\n"
+        import swagger_ui_bundle  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    path = Path(swagger_ui_bundle.swagger_ui_path)
+    return path if (path / "swagger-ui-bundle.js").is_file() else None
+
+
+_NO_DOCS_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title></head><body>
+<h1>{title}</h1>
+<p>The interactive API page (Swagger UI) is not served: it would load its scripts
+from a CDN, and this server loads nothing from elsewhere. Install the
+<code>swagger-ui-bundle</code> package next to hybridfl to serve it offline.</p>
+<p>The API description is at <a href="{openapi}">{openapi}</a> (OpenAPI 3).</p>
+</body></html>
+"""
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs`` without a CDN: Swagger UI from local files when a package provides
+    them, else a plain page pointing at ``/openapi.json``."""
+    assets = _swagger_assets()
+    if assets is not None:
+        from starlette.staticfiles import StaticFiles
+
+        app.mount("/docs/assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        openapi = f"{root}{app.openapi_url}"
+        if assets is None:
+            return HTMLResponse(
+                _NO_DOCS_PAGE.format(title=html.escape(app.title), openapi=html.escape(openapi))
+            )
+        return get_swagger_ui_html(
+            openapi_url=openapi,
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
+        )
 
 
 def create_app(
@@ -183,23 +273,27 @@ def create_app(
     *,
     memory_cache_bytes: int = DEFAULT_MEMORY_CACHE,
     max_body_bytes: int = MAX_BODY_BYTES,
+    max_predict_bytes: int = MAX_PREDICT_BYTES,
 ) -> FastAPI:
-    """The model server of one run folder (``<run_dir>/registry``, ``metrics.jsonl``).
+    """The model server of one run folder (its registry and metrics log).
 
     ``token`` enables the write API (``None``: writes answer 403 with how to
     enable them). ``memory_cache_bytes`` bounds the verified blobs kept in RAM.
+    Request bodies are limited to ``max_body_bytes``, predict bodies (a batch
+    of inputs) to ``max_predict_bytes``.
     """
     run_dir = Path(run_dir)
     if token is not None:
         token = check_token(token)
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     settings = Settings(
         run_dir=run_dir,
         registry=registry,
         token=token,
         blobs=http_models.BlobCache(registry, memory_cache_bytes),
-        rounds=http_rounds.RoundsLog(run_dir / "metrics.jsonl"),
-        max_body_bytes=max_body_bytes,
+        models=http_models.ModelCache(registry),
+        rounds=http_rounds.RoundsLog(run_dir / METRICS_FILE),
+        metrics=ServerMetrics(registry),
     )
     app = FastAPI(
         title="hybridfl model server",
@@ -208,17 +302,24 @@ def create_app(
             "Global-model versions of a hybridfl run. Reads are public; "
             "`PUT /v1/models/global/aliases/serving` needs `Authorization: Bearer <token>`."
         ),
+        docs_url=None,  # FastAPI's page loads Swagger UI from a CDN: ours does not
+        redoc_url=None,
     )
     app.state.settings = settings
+    settings.metrics.model_builds = lambda: settings.models.builds
     app.include_router(http_models.router)
     app.include_router(http_rounds.router)
+    weights_routes = http_models.add_weights_routes(app)
+    _add_docs(app)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(405, _method_not_allowed)
 
     @app.get(
         "/healthz",
         response_model=Health,
         response_model_exclude_none=True,
         tags=["ops"],
-        summary="Process is up",
+        summary="Process is up (answers whatever state the registry is in)",
     )
     async def healthz() -> Health:
         return Health(status="ok")
@@ -229,45 +330,36 @@ def create_app(
         response_model_exclude_none=True,
         responses={503: {"model": Health}},
         tags=["ops"],
-        summary="Ready when 'serving' points at a verified version",
+        summary="Ready when 'serving' points at a verified version (503 says why not)",
     )
     async def readyz(settings: SettingsDep) -> Any:
-        import anyio
-
         reg = settings.registry
+        version: int | None = None
         try:
             version = reg.resolve_alias("serving")
-            ok = reg.is_verified_cached(version)
-            if ok is None:
-                ok = await anyio.to_thread.run_sync(reg.verify, version)
+            problem = await http_models.current_problem(reg, version)
         except RegistryError as exc:
-            return JSONResponse(
-                Health(status="unavailable", detail=str(exc)).model_dump(exclude_none=True),
-                status_code=503,
-            )
-        if not ok:
-            body = Health(
-                status="unavailable",
-                serving_version=version,
-                detail=f"serving version {version} failed verification",
-            )
+            problem = str(exc)
+        if problem is not None:
+            body = Health(status="unavailable", serving_version=version, detail=problem)
             return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
         return Health(status="ready", serving_version=version)
 
     @app.get(
         "/metrics",
-        response_class=PlainTextResponse,
+        response_class=Response,
+        responses={200: {"content": {METRICS_CONTENT_TYPE: {}}}},
         tags=["ops"],
         summary="Prometheus metrics",
     )
-    def metrics(settings: SettingsDep) -> PlainTextResponse:
-        return PlainTextResponse(
-            _metrics_text(settings), media_type="text/plain; version=0.0.4; charset=utf-8"
+    def metrics(settings: SettingsDep) -> Response:
+        return Response(
+            generate_latest(settings.metrics.collectors), media_type=METRICS_CONTENT_TYPE
         )
 
     # add_middleware wraps: the last added runs first (metrics see every request).
-    app.add_middleware(http_models.WeightsFastPath, settings=settings)
-    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes)
+    app.add_middleware(http_models.HotRoutes, routes=weights_routes, settings=settings)
+    app.add_middleware(BodyLimitMiddleware, limit=max_body_bytes, predict_limit=max_predict_bytes)
     app.add_middleware(MetricsMiddleware, metrics=settings.metrics)
     log.info(
         "model server over %s (writes %s)", run_dir, "enabled" if token else "disabled: no token"

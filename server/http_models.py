@@ -11,6 +11,7 @@ truncated or rewritten file is re-verified (and refused) instead of served.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import re
 from collections import OrderedDict
@@ -19,17 +20,36 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from fastapi.routing import APIRoute
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    model_validator,
+)
 from starlette.datastructures import Headers
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from common.manifest import ALIASES as ALIAS_NAMES
 from common.manifest import VersionManifest
 from server.http_deps import Settings, SettingsDep, require_token
-from server.registry import NotVerified, Registry, VersionNotFound
+from server.registry import (
+    AliasDamaged,
+    AliasNotSet,
+    AliasState,
+    ManifestDamaged,
+    NotVerified,
+    Registry,
+    RegistryWriteError,
+    VersionNotFound,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +60,39 @@ MAX_VERSION = 2**31 - 1
 
 AliasName = Literal["latest", "serving"]
 WritableAlias = Literal["serving"]
+
+_CANONICAL = re.compile(r"0|[1-9][0-9]{0,9}")
+VERSION_RULE = (
+    "a version is a non-negative integer written plainly (0, 1, 42): "
+    "no sign, leading zero, decimal point, exponent or underscore"
+)
+
+
+def parse_canonical(raw: str) -> int | None:
+    """The number a path segment spells canonically, else None.
+
+    Why so strict: ``int()`` reads ``01``, ``+1``, ``-0`` and ``1_0`` (as 10), so
+    several URLs would name one version, and a typo would fetch the wrong model.
+    """
+    if _CANONICAL.fullmatch(raw) is None:
+        return None
+    number = int(raw)
+    return number if number <= MAX_VERSION else None
+
+
+def _canonical_version(value: Any) -> Any:
+    if isinstance(value, str):
+        number = parse_canonical(value)
+        if number is None:
+            raise ValueError(f"{VERSION_RULE}, at most {MAX_VERSION}; got {value[:40]!r}")
+        return number
+    return value
+
+
 VersionParam = Annotated[
-    int, PathParam(ge=0, le=MAX_VERSION, description="Version number (0 = initial model).")
+    int,
+    BeforeValidator(_canonical_version),
+    PathParam(ge=0, le=MAX_VERSION, description="Version number (0 = initial model)."),
 ]
 
 router = APIRouter(prefix=PREFIX, tags=["models"])
@@ -60,10 +111,22 @@ class ModelSummary(BaseModel):
     latest_version: int | None
     serving_version: int | None
     aliases: dict[str, AliasView | None]
+    problems: dict[str, str] = Field(
+        default_factory=dict, description="Aliases whose file is damaged, with the reason."
+    )
+
+
+class UnavailableVersion(BaseModel):
+    version: int
+    reason: str = Field(description="Why this version cannot be read or served.")
 
 
 class VersionPage(BaseModel):
-    items: list[VersionManifest]
+    items: list[VersionManifest] = Field(description="Versions whose manifest reads.")
+    unavailable: list[UnavailableVersion] = Field(
+        default_factory=list,
+        description="Versions of this page whose manifest file is damaged, with the reason.",
+    )
     total: int
     offset: int
     limit: int
@@ -72,6 +135,9 @@ class VersionPage(BaseModel):
 
 class VersionDetail(VersionManifest):
     servable: bool = Field(description="Blob present and its size and sha256 verified now.")
+    reason: str | None = Field(
+        default=None, description="Why the version is not servable (null when it is)."
+    )
     weights_url: str
 
 
@@ -94,17 +160,36 @@ def _json_integer(value: Any) -> Any:
 class AliasUpdate(BaseModel):
     """Body of ``PUT /aliases/{alias}``: where the alias should point.
 
+    ``{"version": 2}`` pins ``serving`` to version 2. ``{"pinned": false}`` makes
+    it follow ``latest``: it moves to the newest version now and with every
+    publish. ``{"version": 2, "pinned": false}`` (the README's older spelling) is
+    accepted and means the same: the answer's ``version`` says where it went.
     ``{"version": false}`` or ``"1"`` must not silently become version 0 or 1.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    version: Annotated[int, BeforeValidator(_json_integer)] = Field(ge=0, le=MAX_VERSION)
+    version: Annotated[int | None, BeforeValidator(_json_integer)] = Field(
+        default=None,
+        ge=0,
+        le=MAX_VERSION,
+        description="Version to pin (required unless pinned is false; "
+        "with pinned false serving takes latest's version).",
+    )
     pinned: StrictBool = Field(
         default=True,
-        description="Keep 'serving' here when new versions are published "
-        "(false: follow 'latest' again from the next publish).",
+        description="true: keep 'serving' at this version when new versions are published. "
+        "false: follow 'latest' (now and from every publish).",
     )
+
+    @model_validator(mode="after")
+    def _version_when_pinned(self) -> AliasUpdate:
+        if self.pinned and self.version is None:
+            raise ValueError(
+                'give the version to pin, e.g. {"version": 2}, or {"pinned": false} '
+                "to follow latest"
+            )
+        return self
 
 
 class ErrorBody(BaseModel):
@@ -115,6 +200,14 @@ _ERR = {"model": ErrorBody}
 
 
 # ------------------------------------------------------------------- blob serving
+async def current_problem(registry: Registry, version: int) -> str | None:
+    """Why ``version`` is not servable now (None: it verifies); hashes off the event loop."""
+    known, problem = registry.cached_problem(version)
+    if not known:
+        problem = await anyio.to_thread.run_sync(registry.problem, version)
+    return problem
+
+
 class BlobCache:
     """Verified blobs in memory (bounded LRU by bytes), keyed by sha256.
 
@@ -149,11 +242,9 @@ class BlobCache:
                 data, key = await anyio.to_thread.run_sync(self.registry.read_blob, version)
                 self._put(manifest.sha256, key, data)
                 return data
-        ok = self.registry.is_verified_cached(version)
-        if ok is None:
-            ok = await anyio.to_thread.run_sync(self.registry.verify, version)
-        if not ok:
-            raise NotVerified(f"version {version}: blob is truncated or corrupt")
+        problem = await current_problem(self.registry, version)
+        if problem is not None:
+            raise NotVerified(f"version {version}: {problem}")
         return self.registry.blob_path_for(manifest.sha256)
 
     def _put(self, sha: str, key: tuple[str, int, int, int, int], data: bytes) -> None:
@@ -240,6 +331,17 @@ class RangeNotSatisfiable(Exception):
     pass
 
 
+_HUGE = 1 << 62
+"""Stands for any byte position with more digits than a file size can have."""
+
+
+def _position(digits: str) -> int:
+    """A Range number; absurdly long ones (Python refuses to parse over 4,300 digits)
+    are read as "beyond any file" instead of raising."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 18 else _HUGE
+
+
 def parse_range(header: str, size: int) -> tuple[int, int] | None:
     """One ``bytes=`` range as ``[start, end)``; None means "ignore it, send 200".
 
@@ -256,17 +358,17 @@ def parse_range(header: str, size: int) -> tuple[int, int] | None:
     if first == "":
         if not last.isdigit() or not last.isascii():
             return None
-        n = int(last)
+        n = _position(last)
         if n == 0 or size == 0:
             raise RangeNotSatisfiable
         return max(size - n, 0), size
     if not first.isdigit() or not first.isascii():
         return None
-    start = int(first)
+    start = _position(first)
     if last == "":
         end = size - 1
     elif last.isdigit() and last.isascii():
-        end = int(last)
+        end = _position(last)
         if end < start:
             return None
     else:
@@ -300,6 +402,8 @@ async def weights_response(
         manifest = registry.get(version)
     except VersionNotFound:
         return _error(404, _missing(registry, version))
+    except ManifestDamaged as exc:
+        return _error(503, f"{exc}; the version is not served")
     etag = f'"{manifest.sha256}"'
     headers = {
         "etag": etag,
@@ -335,33 +439,93 @@ async def weights_response(
     return BlobResponse(source, start, end, status, headers, method != "HEAD")
 
 
-WEIGHTS_ROUTE = f"{PREFIX}/versions/{{version}}/weights"
-_WEIGHTS_PATH = re.compile(rf"^{re.escape(PREFIX)}/versions/(0|[1-9][0-9]{{0,9}})/weights$")
+def _version_422(raw: str) -> JSONResponse:
+    """The body FastAPI gives a path parameter that fails validation."""
+    detail = [
+        {
+            "type": "value_error",
+            "loc": ["path", "version"],
+            "msg": f"Value error, {VERSION_RULE}, at most {MAX_VERSION}",
+            "input": raw[:100],
+        }
+    ]
+    return JSONResponse({"detail": detail}, status_code=422)
 
 
-class WeightsFastPath:
-    """ASGI shortcut for ``GET|HEAD .../versions/{n}/weights`` ahead of FastAPI's router.
+WEIGHTS_PATH = f"{PREFIX}/versions/{{version}}/weights"
 
-    Why: FastAPI's per-request routing, dependency solving and validation cost
-    ~4x more than the response itself; a device revalidating its model (304) is
-    the hottest request there is. Anything the regex does not take (non-integer,
-    out of range) falls through to the documented FastAPI route and its 422.
+
+class WeightsRoute(APIRoute):
+    """The weights route: documented by FastAPI, answered by a plain ASGI function.
+
+    Why: FastAPI's per-request dependency solving and validation cost more than
+    the response itself, and a device revalidating its model (304) is the
+    hottest request there is. So the route stays a normal ``APIRoute`` (path,
+    methods, OpenAPI, 405s), but a matched request goes straight to
+    ``weights_response``; the version is checked by hand with the same rule as
+    ``VersionParam`` (canonical integer, else FastAPI's 422 body).
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+    def __init__(self, path: str, endpoint: Any, **kwargs: Any) -> None:
+        super().__init__(path, endpoint, **kwargs)
+        self.app = self._serve
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in self.methods:
+            raise HTTPException(405, headers={"Allow": ", ".join(sorted(self.methods))})
+        await self._serve(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.respond(scope, scope["app"].state.settings)
+        await response(scope, receive, send)
+
+    @staticmethod
+    async def respond(scope: Scope, settings: Settings) -> Response:
+        """The answer to a request this route matched."""
+        raw = scope["path_params"]["version"]
+        version = parse_canonical(raw)
+        if version is None:
+            return _version_422(raw)
+        return await weights_response(settings, version, scope["method"], Headers(scope=scope))
+
+    def claim(self, scope: Scope) -> bool:
+        """Full match of this route (method and path, by the route's own regex);
+        fills the scope as the router would."""
+        if scope["method"] not in self.methods:
+            return False
+        match = self.path_regex.match(get_route_path(scope))
+        if match is None:
+            return False
+        scope["path_params"] = match.groupdict()
+        scope["endpoint"] = self.endpoint
+        scope["route"] = self
+        return True
+
+
+class HotRoutes:
+    """ASGI middleware: requests for a ``WeightsRoute`` are handed to that route
+    before FastAPI's exception and exit-stack middlewares and its router.
+
+    Why one route is dispatched early: those layers and the router's matching
+    cost about as much as a whole 304 answer (measured in-process: 27 us per
+    request through them, 13 us without; bench/serve_throughput.py). This is
+    not a second route: there is one path, one regex (the route's own, compiled
+    by Starlette) and one handler; the router still knows the route for the
+    OpenAPI document, 405 answers, and apps built without this middleware.
+    """
+
+    def __init__(self, app: ASGIApp, routes: list[WeightsRoute], settings: Settings) -> None:
         self.app = app
+        self.routes = routes
         self.settings = settings
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            match = _WEIGHTS_PATH.match(get_route_path(scope))
-            if match is not None and int(match.group(1)) <= MAX_VERSION:
-                scope["hybridfl.route"] = WEIGHTS_ROUTE
-                response = await weights_response(
-                    self.settings, int(match.group(1)), scope["method"], Headers(scope=scope)
-                )
-                await response(scope, receive, send)
-                return
+        if scope["type"] == "http":
+            for route in self.routes:
+                if route.claim(scope):
+                    response = await route.respond(scope, self.settings)
+                    await response(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
 
@@ -371,17 +535,34 @@ def _weights_url(request: Request, version: int) -> str:
 
 
 def _manifest_or_404(registry: Registry, version: int) -> VersionManifest:
+    """404 for an unknown version, 503 (with the reason) for a damaged manifest."""
     try:
         return registry.get(version)
     except VersionNotFound:
         raise HTTPException(404, detail=_missing(registry, version)) from None
+    except ManifestDamaged as exc:
+        raise HTTPException(503, detail=f"{exc}; the version is not served") from None
 
 
-def _alias_or_404(registry: Registry, alias: str) -> tuple[Any, VersionManifest]:
-    state = registry.alias(alias)
+def _alias_state(registry: Registry, alias: str) -> AliasState:
+    """404 when not set yet, 503 (with the reason) when its file is damaged."""
+    try:
+        state = registry.alias(alias)
+    except AliasDamaged as exc:
+        raise HTTPException(
+            503, detail=f"{exc}; set it again with PUT {PREFIX}/aliases/{alias}"
+        ) from None
     if state is None:
         raise HTTPException(404, detail=f"alias '{alias}' is not set: nothing is published yet")
+    return state
+
+
+def _alias_or_404(registry: Registry, alias: str) -> tuple[AliasState, VersionManifest]:
+    state = _alias_state(registry, alias)
     return state, _manifest_or_404(registry, state.version)
+
+
+_UNAVAILABLE = {"model": ErrorBody, "description": "A registry file is damaged (the reason)"}
 
 
 # ------------------------------------------------------------------------ routes
@@ -389,16 +570,25 @@ def _alias_or_404(registry: Registry, alias: str) -> tuple[Any, VersionManifest]
 def model_summary(settings: SettingsDep) -> ModelSummary:
     reg = settings.registry
     numbers = reg.version_numbers()
-    aliases = reg.aliases()
-    serving = aliases.get("serving")
+    views: dict[str, AliasView | None] = {}
+    problems: dict[str, str] = {}
+    for name in ALIAS_NAMES:
+        try:
+            state = reg.alias(name)
+        except AliasDamaged as exc:
+            state, problems[name] = None, exc.reason
+        views[name] = (
+            AliasView(version=state.version, pinned=state.pinned, updated_at=state.updated_at)
+            if state
+            else None
+        )
+    serving = views.get("serving")
     return ModelSummary(
         version_count=len(numbers),
         latest_version=numbers[-1] if numbers else None,
         serving_version=serving.version if serving else None,
-        aliases={
-            k: AliasView(version=v.version, pinned=v.pinned, updated_at=v.updated_at) if v else None
-            for k, v in aliases.items()
-        },
+        aliases=views,
+        problems=problems,
     )
 
 
@@ -410,65 +600,92 @@ def list_versions(
 ) -> VersionPage:
     reg = settings.registry
     total = reg.count()
-    items = reg.versions(offset, limit)
+    items, damaged = reg.page(offset, limit)
     nxt = offset + limit if offset + limit < total else None
-    return VersionPage(items=items, total=total, offset=offset, limit=limit, next_offset=nxt)
+    return VersionPage(
+        items=items,
+        unavailable=[UnavailableVersion(version=v, reason=r) for v, r in damaged.items()],
+        total=total,
+        offset=offset,
+        limit=limit,
+        next_offset=nxt,
+    )
 
 
 @router.get(
     "/versions/{version}",
     response_model=VersionDetail,
-    responses={404: _ERR},
-    summary="Manifest of one version",
+    responses={404: _ERR, 503: _UNAVAILABLE},
+    summary="Manifest of one version, and whether its blob verifies now",
 )
 async def get_version(version: VersionParam, settings: SettingsDep, request: Request) -> Any:
     reg = settings.registry
     manifest = _manifest_or_404(reg, version)
-    ok = reg.is_verified_cached(version)
-    if ok is None:
-        ok = await anyio.to_thread.run_sync(reg.verify, version)
+    problem = await current_problem(reg, version)
+    fields = manifest.model_dump()
+    if problem is not None:  # never "verified" beside "servable: false"
+        fields["status"] = "unavailable"
     return VersionDetail(
-        **manifest.model_dump(), servable=ok, weights_url=_weights_url(request, version)
+        **fields,
+        servable=problem is None,
+        reason=problem,
+        weights_url=_weights_url(request, version),
     )
 
 
-_WEIGHTS_DOC = {
-    "response_class": Response,
-    "responses": {
-        200: {
-            "content": {"application/octet-stream": {}},
-            "description": "safetensors bytes; ETag is the quoted sha256",
-        },
-        206: {"description": "Partial content (Range)"},
-        304: {"description": "Not modified (If-None-Match matched)"},
-        404: _ERR,
-        416: _ERR,
-        503: {"model": ErrorBody, "description": "Blob failed verification; not served"},
+_WEIGHTS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/octet-stream": {}},
+        "description": "safetensors bytes; ETag is the quoted sha256",
     },
+    206: {"description": "Partial content (Range)"},
+    304: {"description": "Not modified (If-None-Match matched)"},
+    404: _ERR,
+    416: _ERR,
+    503: {"model": ErrorBody, "description": "Blob failed verification; not served"},
 }
 
 
-@router.get(
-    "/versions/{version}/weights",
-    operation_id="get_version_weights",
-    summary="Weights (safetensors) of one version",
-    **_WEIGHTS_DOC,
-)
-@router.head(
-    "/versions/{version}/weights",
-    operation_id="head_version_weights",
-    summary="Headers (ETag, size) of one version's weights",
-    **_WEIGHTS_DOC,
-)
 async def get_weights(version: VersionParam, settings: SettingsDep, request: Request) -> Response:
-    """Documents the route; in a running app ``WeightsFastPath`` answers it first."""
+    """Weights of one version: the signature documents the route's parameters;
+    ``WeightsRoute`` answers requests without calling it (same rules, by hand)."""
     return await weights_response(settings, version, request.method, request.headers)
+
+
+def add_weights_routes(app: FastAPI) -> list[WeightsRoute]:
+    """Add ``GET|HEAD .../versions/{version}/weights`` to ``app``, first in its route
+    list; returns them (for ``HotRoutes``).
+
+    Why on the app and not on ``router``: FastAPI 0.13x rebuilds the request
+    handler of an *included* route on every request, and would bypass
+    ``WeightsRoute``'s own handler; a top-level route is handled by it directly.
+    First, because the router tries routes in order and devices hit this most.
+    """
+    for method, operation_id, summary in (
+        ("GET", "get_version_weights", "Weights (safetensors) of one version"),
+        ("HEAD", "head_version_weights", "Headers (ETag, size) of one version's weights"),
+    ):
+        app.router.add_api_route(
+            WEIGHTS_PATH,
+            get_weights,
+            methods=[method],
+            operation_id=operation_id,
+            summary=summary,
+            tags=["models"],
+            response_class=Response,
+            responses=_WEIGHTS_RESPONSES,
+            route_class_override=WeightsRoute,
+        )
+    routes = app.router.routes
+    weights = [r for r in routes if isinstance(r, WeightsRoute)]
+    routes[:] = weights + [r for r in routes if not isinstance(r, WeightsRoute)]
+    return weights
 
 
 @router.get(
     "/aliases/{alias}",
     response_model=AliasInfo,
-    responses={404: _ERR},
+    responses={404: _ERR, 503: _UNAVAILABLE},
     summary="Which version an alias points at",
 )
 def get_alias(alias: AliasName, settings: SettingsDep, request: Request) -> AliasInfo:
@@ -486,7 +703,11 @@ def get_alias(alias: AliasName, settings: SettingsDep, request: Request) -> Alia
 _ALIAS_WEIGHTS_DOC = {
     "status_code": 302,
     "response_class": Response,
-    "responses": {302: {"description": "Redirect to the versioned weights URL"}, 404: _ERR},
+    "responses": {
+        302: {"description": "Redirect to the versioned weights URL"},
+        404: _ERR,
+        503: _UNAVAILABLE,
+    },
 }
 
 
@@ -503,7 +724,7 @@ _ALIAS_WEIGHTS_DOC = {
     **_ALIAS_WEIGHTS_DOC,
 )
 def get_alias_weights(alias: AliasName, settings: SettingsDep, request: Request) -> Response:
-    state, _ = _alias_or_404(settings.registry, alias)
+    state = _alias_state(settings.registry, alias)
     return Response(
         status_code=302,
         headers={
@@ -512,6 +733,12 @@ def get_alias_weights(alias: AliasName, settings: SettingsDep, request: Request)
             "x-model-version": str(state.version),
         },
     )
+
+
+def _write_failure(exc: RegistryWriteError) -> HTTPException:
+    """507 when the disk is full, 503 when the registry is read-only or not ours to write."""
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    return HTTPException(507 if full else 503, detail=str(exc))
 
 
 @router.put(
@@ -524,19 +751,26 @@ def get_alias_weights(alias: AliasName, settings: SettingsDep, request: Request)
         403: _ERR,
         409: _ERR,
         413: _ERR,
+        503: {"model": ErrorBody, "description": "Registry read-only; the alias is unchanged"},
+        507: {"model": ErrorBody, "description": "Registry disk full; the alias is unchanged"},
     },
-    summary="Promote or roll back: point an alias at a verified version (token required)",
+    summary="Promote, roll back (pin a verified version) or follow latest (token required)",
 )
 def put_alias(
     alias: WritableAlias, body: AliasUpdate, settings: SettingsDep, request: Request
 ) -> AliasInfo:
     reg = settings.registry
+    what = "latest" if not body.pinned else f"version {body.version}"
     try:
         state = reg.set_alias(alias, body.version, pinned=body.pinned)
-    except VersionNotFound:
-        raise HTTPException(409, detail=f"version {body.version} does not exist") from None
-    except NotVerified as exc:
-        raise HTTPException(409, detail=f"version {body.version} is not verified: {exc}") from None
+        manifest = reg.get(state.version)
+    except VersionNotFound as exc:
+        raise HTTPException(409, detail=f"{exc}; alias not moved") from None
+    except (NotVerified, ManifestDamaged, AliasNotSet) as exc:
+        raise HTTPException(409, detail=f"cannot point '{alias}' at {what}: {exc}") from None
+    except RegistryWriteError as exc:
+        log.error("alias %s not moved: %s", alias, exc)
+        raise _write_failure(exc) from None
     log.warning("alias %s -> version %d (pinned=%s)", alias, state.version, state.pinned)
     return AliasInfo(
         alias=alias,
@@ -544,5 +778,232 @@ def put_alias(
         pinned=state.pinned,
         updated_at=state.updated_at,
         weights_url=_weights_url(request, state.version),
-        manifest=reg.get(state.version),
+        manifest=manifest,
     )
+
+
+# -------------------------------------------------------------------- predictions
+MAX_BATCH = 1024
+"""Most inputs in one predict request (the body limit bounds the bytes as well)."""
+NPY_TYPES = ("application/x-npy", "application/octet-stream")
+
+
+class ModelCache:
+    """Torch models built from verified versions, kept by sha256 (bounded LRU).
+
+    Why: building a model and loading its weights costs milliseconds to seconds,
+    a prediction microseconds; each version is built once and reused by every
+    request (and by every version that shares its bytes). torch is imported on
+    the first prediction only, so a server that only serves weights stays small.
+    """
+
+    def __init__(self, registry: Registry, max_models: int = 4) -> None:
+        self.registry = registry
+        self.max_models = max_models
+        self._models: OrderedDict[str, Any] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self.builds = 0
+
+    async def get(self, manifest: VersionManifest) -> Any:
+        """The eval-mode model of ``manifest``; raises ``NotVerified`` for bad bytes."""
+        model = self._models.get(manifest.sha256)
+        if model is not None:
+            self._models.move_to_end(manifest.sha256)
+            return model
+        async with self._lock:  # one build per version, however many requests wait
+            model = self._models.get(manifest.sha256)
+            if model is None:
+                model = await anyio.to_thread.run_sync(self._build, manifest)
+                self._models[manifest.sha256] = model
+                self.builds += 1
+                while len(self._models) > self.max_models:
+                    self._models.popitem(last=False)
+            return model
+
+    def _build(self, manifest: VersionManifest) -> Any:
+        from common.models import ModelSpec, build_model
+        from common.weights import from_safetensors, load_arrays
+
+        data, _ = self.registry.read_blob(manifest.version)  # the verified bytes
+        model = build_model(ModelSpec.model_validate(manifest.model))
+        load_arrays(model, from_safetensors(data), strict=True)
+        model.eval()
+        return model
+
+
+class PredictRequest(BaseModel):
+    """JSON body of a predict call (or send the same batch as a ``.npy`` array)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] = Field(
+        description="A batch of inputs, each shaped like the model's input_shape "
+        "(channels, height, width), or flat (channels*height*width values), or "
+        "(height, width) for one-channel models.",
+        min_length=1,
+        max_length=MAX_BATCH,
+    )
+
+
+class Prediction(BaseModel):
+    classes: list[int] = Field(description="The top-k classes, most probable first.")
+    probabilities: list[float] = Field(description="Their softmax probabilities.")
+
+
+class PredictResponse(BaseModel):
+    version: int = Field(description="The version that answered (an alias resolved).")
+    sha256: str
+    predictions: list[Prediction]
+
+
+def _shapes_accepted(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    c, h, w = shape
+    accepted = [(c, h, w), (c * h * w,)]
+    if c == 1:
+        accepted.append((h, w))
+    return accepted
+
+
+def _batch_from_body(body: bytes, content_type: str, input_shape: tuple[int, ...]) -> Any:
+    """The request's inputs as a float32 array ``(n, c, h, w)``; HTTPException otherwise."""
+    import io
+    import json
+
+    import numpy as np
+
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "application/json":
+        try:
+            request = PredictRequest.model_validate(json.loads(body))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "body"
+            raise HTTPException(422, detail=f"{where}: {first['msg']}") from None
+        except ValueError as exc:  # not JSON, or not UTF-8
+            raise HTTPException(422, detail=f"body is not JSON: {exc}") from None
+        try:
+            batch = np.asarray(request.inputs, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise HTTPException(
+                422, detail="inputs must be numbers in equally shaped nested lists"
+            ) from None
+    elif kind in NPY_TYPES:
+        try:
+            batch = np.load(io.BytesIO(body), allow_pickle=False)
+        except ValueError as exc:
+            reason = (
+                "it holds Python objects (never unpickled here); send a numeric array"
+                if "allow_pickle" in str(exc)
+                else str(exc)
+            )
+            raise HTTPException(422, detail=f"body is not a .npy array: {reason}") from None
+        except (OSError, EOFError) as exc:
+            raise HTTPException(422, detail=f"body is not a .npy array: {exc}") from None
+        if not isinstance(batch, np.ndarray) or batch.dtype.kind not in "biuf":
+            raise HTTPException(422, detail="the .npy array must hold real numbers")
+        if batch.ndim == 0 or not 1 <= batch.shape[0] <= MAX_BATCH:
+            raise HTTPException(
+                422, detail=f"send a batch of 1 to {MAX_BATCH} inputs along the first axis"
+            )
+        batch = batch.astype(np.float32)
+    else:
+        raise HTTPException(
+            415,
+            detail=f'send application/json ({{"inputs": [...]}}) or a .npy array as '
+            f"{' or '.join(NPY_TYPES)}; got {kind or 'no content type'}",
+        )
+    accepted = _shapes_accepted(input_shape)
+    if tuple(batch.shape[1:]) not in accepted:
+        spelled = " or ".join(str(s) for s in accepted)
+        raise HTTPException(
+            422,
+            detail=f"each input must have shape {spelled} for this model; "
+            f"the batch has shape {tuple(batch.shape)}",
+        )
+    if not np.isfinite(batch).all():
+        raise HTTPException(422, detail="inputs must be finite numbers (no NaN or Infinity)")
+    return batch.reshape((batch.shape[0], *input_shape))
+
+
+def _top_k(model: Any, batch: Any, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    import torch
+
+    with torch.inference_mode():
+        probabilities = torch.softmax(model(torch.from_numpy(batch)), dim=1)
+        top = torch.topk(probabilities, k, dim=1)
+    return top.indices.tolist(), top.values.tolist()
+
+
+_PREDICT_DOC: dict[str, Any] = {
+    "response_model": PredictResponse,
+    "responses": {
+        404: _ERR,
+        413: _ERR,
+        415: _ERR,
+        503: {"model": ErrorBody, "description": "Version not servable (the reason)"},
+    },
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": PredictRequest.model_json_schema()},
+                "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            },
+        }
+    },
+}
+
+TopK = Annotated[
+    int | None,
+    Query(ge=1, le=1000, description="Classes per input (default 5, at most num_classes)."),
+]
+
+
+async def _predict(
+    settings: Settings, manifest: VersionManifest, request: Request, top_k: int | None
+) -> PredictResponse:
+    spec = manifest.model
+    input_shape = tuple(spec.get("input_shape", ()))
+    num_classes = int(spec.get("num_classes", 0))
+    if len(input_shape) != 3 or num_classes < 1:
+        raise HTTPException(503, detail=f"version {manifest.version}: model spec is unusable")
+    k = min(top_k or 5, num_classes)
+    body = await request.body()
+    batch = _batch_from_body(body, request.headers.get("content-type", ""), input_shape)
+    try:
+        model = await settings.models.get(manifest)
+    except NotVerified as exc:
+        raise HTTPException(503, detail=f"{exc}; not served") from None
+    classes, probabilities = await anyio.to_thread.run_sync(_top_k, model, batch, k)
+    return PredictResponse(
+        version=manifest.version,
+        sha256=manifest.sha256,
+        predictions=[
+            Prediction(classes=c, probabilities=p)
+            for c, p in zip(classes, probabilities, strict=True)
+        ],
+    )
+
+
+@router.post(
+    "/versions/{version}/predict",
+    summary="Top-k classes for a batch of inputs (JSON or .npy), from one version",
+    **_PREDICT_DOC,
+)
+async def predict_version(
+    version: VersionParam, request: Request, settings: SettingsDep, top_k: TopK = None
+) -> PredictResponse:
+    manifest = _manifest_or_404(settings.registry, version)
+    return await _predict(settings, manifest, request, top_k)
+
+
+@router.post(
+    "/aliases/{alias}/predict",
+    summary="Top-k classes for a batch of inputs, from the version an alias points at",
+    **_PREDICT_DOC,
+)
+async def predict_alias(
+    alias: AliasName, request: Request, settings: SettingsDep, top_k: TopK = None
+) -> PredictResponse:
+    _, manifest = _alias_or_404(settings.registry, alias)
+    return await _predict(settings, manifest, request, top_k)

@@ -1,13 +1,13 @@
-"""``/v1/rounds``: per-round metrics from ``<run_dir>/metrics.jsonl``.
+"""``/v1/rounds``: per-round metrics from the run's ``metrics.jsonl``.
 
 The ServerApp appends one JSON object per round while this server reads the file,
-so the last line may be half written: lines that do not parse, or carry no
-integer ``round``, are skipped. The parse is cached by the file's (size, mtime).
+so the last line may be half written: the file is read with the run folder's one
+reader (``common.rundir.read_jsonl``, a torn last line ignored), and rows without
+an integer ``round`` are skipped. The parse is cached by the file's stat identity.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -16,9 +16,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from fastapi import Path as PathParam
-from pydantic import BaseModel
+from pydantic import BaseModel, BeforeValidator
 
+from common.rundir import FAILURE_FILE, SUMMARY_FILE, read_jsonl
 from server.http_deps import SettingsDep
+from server.http_models import MAX_VERSION, parse_canonical
 
 router = APIRouter(prefix="/v1/rounds", tags=["rounds"])
 
@@ -52,15 +54,11 @@ class RoundsLog:
         with self._lock:
             if key == self._key:
                 return self._rows
-            rows: list[dict[str, Any]] = []
-            with open(self.path, "rb") as f:
-                for line in f:
-                    try:
-                        obj = json.loads(line)
-                    except ValueError:
-                        continue  # a line being written right now
-                    if isinstance(obj, dict) and type(obj.get("round")) is int:
-                        rows.append(_json_safe(obj))
+            rows = [
+                _json_safe(row)
+                for row in read_jsonl(self.path)
+                if isinstance(row, dict) and type(row.get("round")) is int
+            ]
             self._key, self._rows = key, rows
             return rows
 
@@ -70,6 +68,26 @@ class RoundsLog:
             if row["round"] == round_:
                 return row
         return None
+
+
+def _canonical_round(value: Any) -> Any:
+    if isinstance(value, str):
+        number = parse_canonical(value)
+        if number is None:
+            raise ValueError(
+                "a round is a non-negative integer written plainly (0, 1, 42): no sign, "
+                f"leading zero, decimal point or underscore; got {value[:40]!r}"
+            )
+        return number
+    return value
+
+
+RoundParam = Annotated[int, BeforeValidator(_canonical_round), PathParam(ge=0, le=MAX_VERSION)]
+
+
+def run_finished(run_dir: Path) -> bool:
+    """A run is over once the ServerApp wrote its summary or its failure record."""
+    return (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
 
 
 class RoundPage(BaseModel):
@@ -97,10 +115,16 @@ def list_rounds(
     responses={404: {"description": "No record for this round"}},
     summary="Metrics of one round",
 )
-def get_round(
-    round: Annotated[int, PathParam(ge=0, le=2**31 - 1)], settings: SettingsDep
-) -> dict[str, Any]:
+def get_round(round: RoundParam, settings: SettingsDep) -> dict[str, Any]:
     row = settings.rounds.get(round)
-    if row is None:
-        raise HTTPException(404, detail=f"no metrics for round {round} yet")
-    return row
+    if row is not None:
+        return row
+    rounds = [r["round"] for r in settings.rounds.rows()]
+    have = f"rounds {min(rounds)}..{max(rounds)}" if rounds else "no rounds"
+    if run_finished(settings.run_dir):
+        raise HTTPException(
+            404, detail=f"round {round} does not exist: the run is finished and logged {have}"
+        )
+    raise HTTPException(
+        404, detail=f"no metrics for round {round} yet: the run is still going ({have} so far)"
+    )

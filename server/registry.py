@@ -24,7 +24,6 @@ import errno
 import fcntl
 import hashlib
 import logging
-import math
 import os
 import re
 import threading
@@ -33,32 +32,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import TMP_PREFIX, atomic_write_bytes
-from common.manifest import VersionManifest
+from common.manifest import ALIASES, VersionManifest, model_manifest
 
 if TYPE_CHECKING:
     import numpy as np
 
 __all__ = [
     "ALIASES",
+    "AliasDamaged",
     "AliasNotSet",
     "AliasState",
+    "ManifestDamaged",
     "NotVerified",
     "Registry",
     "RegistryError",
+    "RegistryWriteError",
     "VersionManifest",
     "VersionNotFound",
 ]
 
 log = logging.getLogger(__name__)
 
-ALIASES: tuple[str, ...] = ("latest", "serving")
-"""The only alias names: file names are never built from request strings."""
-
 _VERSION_FILE = re.compile(r"^(0|[1-9][0-9]*)\.json$")
-_TMP_PREFIX = TMP_PREFIX
 _READ_CHUNK = 1 << 20
 
 
@@ -80,6 +78,46 @@ class AliasNotSet(RegistryError):
 
 class NotVerified(RegistryError):
     """The version's blob is missing, truncated or does not hash to its manifest."""
+
+
+class ManifestDamaged(RegistryError):
+    """A version's manifest file exists but cannot be read as a manifest (truncated, edited)."""
+
+    def __init__(self, version: int, reason: str) -> None:
+        super().__init__(
+            f"version {version}: manifest versions/{version}.json is damaged: {reason}"
+        )
+        self.version = version
+        self.reason = reason
+
+
+class AliasDamaged(RegistryError):
+    """An alias file exists but cannot be read (truncated, edited): where it points is unknown."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"alias '{name}': file aliases/{name} is damaged: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+class RegistryWriteError(RegistryError):
+    """The registry folder cannot be written (read-only, full, no permission)."""
+
+    def __init__(self, what: str, exc: OSError) -> None:
+        name = errno.errorcode.get(exc.errno or 0, "unknown error")
+        super().__init__(f"{what}: {exc.strerror or exc} ({name})")
+        self.errno = exc.errno
+
+
+def _reason(exc: Exception) -> str:
+    """One line saying why a registry file did not parse (pydantic's first error)."""
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ())) or "file"
+        return f"{first.get('msg', 'invalid')} at {where}"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc)
 
 
 class AliasState(BaseModel):
@@ -110,6 +148,21 @@ def _write_atomic(path: Path, data: bytes, stage: str | None = None) -> None:
     atomic_write_bytes(path, data, before_rename=hook)
 
 
+def _size_reason(path: Path, have: int, want: int) -> str:
+    kind = "truncated" if have < want else "longer than published"
+    return f"blob {path.name} is {kind}: {have} bytes, the manifest says {want}"
+
+
+def _hash_reason(path: Path, have: str, want: str) -> str:
+    """ "" when the digests agree, else the reason (the size was already checked)."""
+    if have == want:
+        return ""
+    return (
+        f"blob {path.name} has the right size but other bytes: sha256 {have[:12]}..., "
+        f"the manifest says {want[:12]}..."
+    )
+
+
 def _stat_key(path: Path, st: os.stat_result) -> tuple[str, int, int, int, int]:
     """Identity of a file's current content, cheap to compute on every request.
 
@@ -134,7 +187,8 @@ class Registry:
         self.versions_dir = self.root / "versions"
         self.aliases_dir = self.root / "aliases"
         self._manifests: dict[int, VersionManifest] = {}
-        self._verified: dict[tuple[str, int, int, int, int], bool] = {}
+        self._verified: dict[tuple[str, int, int, int, int], str] = {}
+        """Verification outcome per blob identity: "" when it verified, else the reason."""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ reading
@@ -150,7 +204,12 @@ class Registry:
         return len(self.version_numbers())
 
     def get(self, version: int) -> VersionManifest:
-        """The manifest of ``version``; raises ``VersionNotFound``."""
+        """The manifest of ``version``.
+
+        Raises ``VersionNotFound``, or ``ManifestDamaged`` (with the reason) for a
+        manifest file that does not parse; a damaged manifest is not cached, so a
+        repaired file is picked up.
+        """
         cached = self._manifests.get(version)
         if cached is not None:
             return cached
@@ -160,35 +219,56 @@ class Registry:
             raw = (self.versions_dir / f"{int(version)}.json").read_bytes()
         except FileNotFoundError:
             raise VersionNotFound(version) from None
-        manifest = VersionManifest.model_validate_json(raw)
+        except OSError as exc:
+            raise ManifestDamaged(version, _reason(exc)) from None
+        try:
+            manifest = VersionManifest.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise ManifestDamaged(version, _reason(exc)) from None
         if manifest.version != version:
-            raise RegistryError(f"manifest {version}.json claims version {manifest.version}")
+            raise ManifestDamaged(version, f"it claims to be version {manifest.version}")
         with self._lock:
             self._manifests[version] = manifest
         return manifest
 
-    def versions(self, offset: int = 0, limit: int = 100) -> list[VersionManifest]:
-        """A page of manifests in ascending version order."""
+    def page(
+        self, offset: int = 0, limit: int = 100
+    ) -> tuple[list[VersionManifest], dict[int, str]]:
+        """A page of versions in ascending order: the readable manifests, and the
+        damaged ones as ``{version: reason}`` (one bad file never hides the rest)."""
         numbers = self.version_numbers()[max(offset, 0) : max(offset, 0) + max(limit, 0)]
         out: list[VersionManifest] = []
+        damaged: dict[int, str] = {}
         for n in numbers:
-            with contextlib.suppress(VersionNotFound):
+            try:
                 out.append(self.get(n))
-        return out
+            except VersionNotFound:
+                continue  # deleted between the listing and the read
+            except ManifestDamaged as exc:
+                damaged[n] = exc.reason
+        return out, damaged
 
-    def latest(self) -> VersionManifest | None:
-        numbers = self.version_numbers()
-        return self.get(numbers[-1]) if numbers else None
+    def versions(self, offset: int = 0, limit: int = 100) -> list[VersionManifest]:
+        """A page of readable manifests in ascending version order (see ``page``)."""
+        return self.page(offset, limit)[0]
 
     def alias(self, name: str) -> AliasState | None:
-        """The state of alias ``name`` (None when not set yet)."""
+        """The state of alias ``name`` (None when not set yet).
+
+        Raises ``AliasDamaged`` (with the reason) when the file does not parse.
+        """
         if name not in ALIASES:
             raise ValueError(f"unknown alias '{name}'; aliases are {', '.join(ALIASES)}")
         try:
             raw = (self.aliases_dir / name).read_bytes()
         except FileNotFoundError:
             return None
-        return AliasState.model_validate_json(raw)
+        except OSError as exc:
+            raise AliasDamaged(name, _reason(exc)) from None
+        try:
+            return AliasState.model_validate_json(raw)
+        except (ValidationError, ValueError) as exc:
+            raise AliasDamaged(name, _reason(exc)) from None
 
     def aliases(self) -> dict[str, AliasState | None]:
         return {name: self.alias(name) for name in ALIASES}
@@ -207,57 +287,71 @@ class Registry:
         return self.blobs_dir / f"{sha256}.safetensors"
 
     # ------------------------------------------------------------- verification
-    def verify(self, version: int) -> bool:
-        """True when the blob exists, has the manifest's size and sha256.
+    def problem(self, version: int) -> str | None:
+        """Why ``version`` cannot be served now (None when its blob verifies).
 
-        Hashing happens once per process per file identity (path, size, mtime,
-        ctime, inode); every later call costs one ``stat``. Raises
-        ``VersionNotFound`` for an unknown version.
+        The reason names the real cause: missing, a size that differs from the
+        manifest's, or same size but other bytes (sha256 mismatch). Hashing
+        happens once per process per file identity (path, size, mtime, ctime,
+        inode); every later call costs one ``stat``. Raises ``VersionNotFound`` /
+        ``ManifestDamaged`` for a version without a readable manifest.
         """
         manifest = self.get(version)
         path = self.blob_path_for(manifest.sha256)
         try:
             st = path.stat()
         except FileNotFoundError:
-            return False
+            return f"blob {path.name} is missing"
         if st.st_size != manifest.size:
-            return False
+            return _size_reason(path, st.st_size, manifest.size)
         key = _stat_key(path, st)
         known = self._verified.get(key)
         if known is not None:
-            return known
+            return known or None
         digest = hashlib.sha256()
         try:
             with open(path, "rb") as f:
                 while chunk := f.read(_READ_CHUNK):
                     digest.update(chunk)
         except FileNotFoundError:
-            return False
-        ok = digest.hexdigest() == manifest.sha256
-        self._remember(path, st, ok)
-        if not ok:
-            log.error("version %d: blob %s does not match its sha256", version, path)
-        return ok
+            return f"blob {path.name} is missing"
+        reason = _hash_reason(path, digest.hexdigest(), manifest.sha256)
+        self._remember(path, st, reason)
+        if reason:
+            log.error("version %d: %s", version, reason)
+        return reason or None
 
-    def is_verified_cached(self, version: int) -> bool | None:
-        """Verification result if already known for the blob's current identity, else None.
+    def verify(self, version: int) -> bool:
+        """True when the blob exists, has the manifest's size and sha256 (see ``problem``)."""
+        return self.problem(version) is None
 
-        For callers on an event loop: a ``stat``, never a hash.
-        """
+    def cached_problem(self, version: int) -> tuple[bool, str | None]:
+        """``(known, reason)`` without hashing (one ``stat``: for callers on an event
+        loop). ``known`` is False when the blob still has to be hashed; ``reason``
+        is None when the version verified."""
         manifest = self.get(version)
         path = self.blob_path_for(manifest.sha256)
         try:
             st = path.stat()
         except FileNotFoundError:
-            return False
+            return True, f"blob {path.name} is missing"
         if st.st_size != manifest.size:
-            return False
-        return self._verified.get(_stat_key(path, st))
+            return True, _size_reason(path, st.st_size, manifest.size)
+        known = self._verified.get(_stat_key(path, st))
+        if known is None:
+            return False, None
+        return True, known or None
+
+    def is_verified_cached(self, version: int) -> bool | None:
+        """Verification result if already known for the blob's current identity, else None."""
+        known, reason = self.cached_problem(version)
+        return reason is None if known else None
 
     def read_blob(self, version: int) -> tuple[bytes, tuple[str, int, int, int, int]]:
         """The verified bytes of ``version`` and the stat identity they were read at.
 
-        Raises ``NotVerified`` when the blob is missing, truncated or corrupt.
+        Raises ``NotVerified`` (with the real reason) when the blob is missing,
+        has another size or other bytes than its manifest says.
         """
         manifest = self.get(version)
         path = self.blob_path_for(manifest.sha256)
@@ -267,13 +361,13 @@ class Registry:
                 data = f.read()
         except FileNotFoundError:
             raise NotVerified(f"version {version}: blob {path.name} is missing") from None
-        ok = len(data) == manifest.size and hashlib.sha256(data).hexdigest() == manifest.sha256
-        self._remember(path, before, ok)
-        if not ok:
-            raise NotVerified(
-                f"version {version}: blob {path.name} is truncated or corrupt "
-                f"({len(data)} bytes, expected {manifest.size})"
-            )
+        if len(data) != manifest.size:
+            reason = _size_reason(path, len(data), manifest.size)
+        else:
+            reason = _hash_reason(path, hashlib.sha256(data).hexdigest(), manifest.sha256)
+        self._remember(path, before, reason)
+        if reason:
+            raise NotVerified(f"version {version}: {reason}")
         return data, _stat_key(path, before)
 
     def load_arrays(self, version: int) -> dict[str, np.ndarray]:
@@ -291,11 +385,12 @@ class Registry:
         except FileNotFoundError:
             return None
 
-    def _remember(self, path: Path, st: os.stat_result, ok: bool) -> None:
+    def _remember(self, path: Path, st: os.stat_result, reason: str) -> None:
+        """Record the outcome for this file identity ("" = verified)."""
         with self._lock:
             if len(self._verified) > 10_000:
                 self._verified.clear()
-            self._verified[_stat_key(path, st)] = ok
+            self._verified[_stat_key(path, st)] = reason
 
     # ------------------------------------------------------------------ writing
     @contextlib.contextmanager
@@ -309,7 +404,7 @@ class Registry:
             # Whoever held the lock before us is done or dead: its temp files are junk.
             for d in (self.blobs_dir, self.versions_dir, self.aliases_dir):
                 for name in os.listdir(d):
-                    if name.startswith(_TMP_PREFIX):
+                    if name.startswith(TMP_PREFIX):
                         with contextlib.suppress(FileNotFoundError):
                             (d / name).unlink()
             yield
@@ -322,34 +417,27 @@ class Registry:
         *,
         round: int,
         model: Mapping[str, Any] | BaseModel,
-        metrics: Mapping[str, float] | None = None,
+        metrics: Mapping[str, object] | None = None,
     ) -> VersionManifest:
         """Store ``arrays`` as the next version, atomically; move ``latest`` (and
         ``serving`` unless pinned) to it.
 
         ``model`` is the ModelSpec (or its dict), validated here so that a version
-        that devices cannot rebuild is never published. Non-finite metrics are
-        dropped (JSON has no NaN) with a warning.
+        that devices cannot rebuild is never published. Metrics that are not
+        finite numbers are dropped (JSON has no NaN) with a warning.
         """
-        import numpy as np
-
-        from common.models import ModelSpec
         from common.weights import sha256_hex, to_safetensors
 
         if round < 0:
             raise ValueError(f"round must be >= 0, got {round}")
-        spec = ModelSpec.model_validate(
-            model.model_dump() if isinstance(model, BaseModel) else dict(model)
-        )
-        clean_metrics: dict[str, float] = {}
-        for k, v in (metrics or {}).items():
-            if isinstance(v, int | float | np.floating | np.integer) and math.isfinite(float(v)):
-                clean_metrics[str(k)] = float(v)
-            else:
-                log.warning("publish: dropping metric %r=%r (not a finite number)", k, v)
         blob = to_safetensors(arrays)
         sha = sha256_hex(blob)
-        parameter_count = int(sum(int(np.asarray(a).size) for a in arrays.values()))
+        described = model_manifest(
+            arrays, model, round=round, sha256=sha, size=len(blob), metrics=metrics
+        )
+        dropped = sorted(set(map(str, metrics or {})) - set(described.metrics))
+        if dropped:
+            log.warning("publish: dropping metrics %s (not finite numbers)", ", ".join(dropped))
 
         with self._writer_lock():
             existing = self.version_numbers()
@@ -362,17 +450,12 @@ class Registry:
                 _write_atomic(path, blob, stage="blob-temp-written")
             _checkpoint("blob-committed")
             with contextlib.suppress(FileNotFoundError):
-                self._remember(path, path.stat(), True)
+                self._remember(path, path.stat(), "")
 
             manifest = VersionManifest(
+                **described.model_dump(),
                 version=version,
-                round=round,
                 created_at=_now(),
-                sha256=sha,
-                size=len(blob),
-                parameter_count=parameter_count,
-                model=spec.model_dump(mode="json"),
-                metrics=clean_metrics,
                 parent_version=parent,
                 status="verified",
             )
@@ -386,36 +469,68 @@ class Registry:
             self._move_with_latest(version)
         return manifest
 
-    def set_alias(self, name: str, version: int, *, pinned: bool = True) -> AliasState:
+    def set_alias(self, name: str, version: int | None, *, pinned: bool = True) -> AliasState:
         """Point alias ``name`` at ``version`` (promotion or rollback).
 
-        Only verified versions can be targeted (raises ``NotVerified``). With
-        ``pinned`` (the default for an operator) ``serving`` stops following
-        ``latest``; ``pinned=False`` makes it follow again from the next publish.
+        With ``pinned`` (the default for an operator) ``serving`` stays at
+        ``version`` when new versions are published. ``pinned=False`` means
+        "follow latest": ``serving`` moves to the newest version now and with
+        every publish (``version`` is then not used; pass None).
+
+        Only verified versions can be targeted (raises ``NotVerified``,
+        ``VersionNotFound``). Raises ``RegistryWriteError`` when the folder
+        cannot be written (read-only, full); the alias file is then unchanged.
         """
         if name not in ALIASES:
             raise ValueError(f"unknown alias '{name}'; aliases are {', '.join(ALIASES)}")
-        if not self.verify(version):  # raises VersionNotFound
-            raise NotVerified(f"version {version} failed verification; alias not moved")
-        state = AliasState(version=version, pinned=pinned, updated_at=_now())
-        with self._writer_lock():
-            _write_atomic(self.aliases_dir / name, state.model_dump_json().encode())
+        if pinned and version is None:
+            raise ValueError("a pinned alias needs a version")
+        target = version
+        try:
+            with self._writer_lock():
+                if not pinned:
+                    numbers = self.version_numbers()
+                    if not numbers:
+                        raise AliasNotSet("latest")
+                    target = numbers[-1]
+                assert target is not None
+                problem = self.problem(target)  # raises VersionNotFound / ManifestDamaged
+                if problem is not None:
+                    raise NotVerified(f"version {target}: {problem}; alias not moved")
+                state = AliasState(version=target, pinned=pinned, updated_at=_now())
+                _write_atomic(self.aliases_dir / name, state.model_dump_json().encode())
+        except OSError as exc:
+            raise RegistryWriteError(
+                f"cannot move alias '{name}' to version {target}: the registry {self.root} "
+                f"is not writable; the alias is unchanged",
+                exc,
+            ) from None
         return state
 
     def _move_with_latest(self, version: int) -> None:
         now = _now()
         latest = AliasState(version=version, pinned=False, updated_at=now)
         _write_atomic(self.aliases_dir / "latest", latest.model_dump_json().encode())
-        serving = self.alias("serving")
+        try:
+            serving = self.alias("serving")
+        except AliasDamaged as exc:
+            # Whether an operator pinned it is unknown: never guess over a pin.
+            log.error("%s; 'serving' left as is until an operator sets it", exc)
+            return
         if serving is None or not serving.pinned:
             state = AliasState(version=version, pinned=False, updated_at=now)
             _write_atomic(self.aliases_dir / "serving", state.model_dump_json().encode())
 
     def _repair_latest(self, existing: list[int]) -> None:
-        """After a crash between manifest and alias files, catch the aliases up."""
+        """After a crash between manifest and alias files (or a damaged ``latest``
+        file), catch the aliases up: ``latest`` is derived, never chosen."""
         if not existing:
             return
-        latest = self.alias("latest")
+        try:
+            latest = self.alias("latest")
+        except AliasDamaged as exc:
+            log.warning("%s; rewriting it", exc)
+            latest = None
         if latest is None or latest.version < existing[-1]:
             log.warning("registry: aliases behind version %d; repairing", existing[-1])
             self._move_with_latest(existing[-1])

@@ -60,6 +60,12 @@ class CertFiles:
         return self.root / f"device-{device_id}.pub"
 
 
+def default_certs_dir() -> Path:
+    """``$XDG_CONFIG_HOME/hybridfl/certs`` (``~/.config/...``): never in a source tree."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "hybridfl" / "certs"
+
+
 def _write(path: Path, data: bytes, private: bool) -> None:
     """Private files are created 600 from the start (never world-readable, even briefly)."""
     path.unlink(missing_ok=True)
@@ -109,6 +115,7 @@ def make_certs(
     """Create a throwaway CA, a SuperLink certificate for ``hosts`` and device keys."""
     hosts = list(hosts or DEFAULT_HOSTS)
     out_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(out_dir, 0o700)  # private keys inside: not the umask's choice
     files = CertFiles(out_dir)
     now = dt.datetime.now(dt.UTC)
     not_before, not_after = now - dt.timedelta(minutes=5), now + dt.timedelta(days=VALID_DAYS)
@@ -169,4 +176,4 @@ def make_certs(
     return files
 
 
-__all__ = ["DEFAULT_HOSTS", "CertFiles", "device_key_pair", "make_certs"]
+__all__ = ["DEFAULT_HOSTS", "CertFiles", "default_certs_dir", "device_key_pair", "make_certs"]

@@ -13,42 +13,52 @@ from typing import Annotated
 
 import typer
 
-from common.config import ConfigError, ExperimentConfig, load_config
-from common.data import DataError
-from common.rundir import SUMMARY_FILE, prepare_run_dir
-from simulation.compare import report
+from common.rundir import LOG_DIR, REGISTRY_DIR, SUMMARY_FILE
+from simulation import typer_compat
+from simulation.cli_common import (
+    SetOpt,
+    echo,
+    exit_interrupted,
+    fail,
+    port_option,
+    prepare,
+    signals_as_interrupt,
+)
+from simulation.report import report
+
+typer_compat.apply()
 
 DEFAULT_CACHE = Path.home() / ".cache" / "hybridfl"
+HELP = "hybridfl: federated learning with a served global model and personalized devices."
 
-cli = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="hybridfl: federated learning with a served global model and personalized devices.",
-)
+cli = typer.Typer(add_completion=False, help=HELP)
 
 
-@cli.callback()
-def _root() -> None:
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            echo(f"hybridfl {version('hybridfl')}")
+        except PackageNotFoundError:
+            echo("hybridfl (not installed: run `pip install -e .`)")
+        raise typer.Exit(0)
+
+
+@cli.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
     """hybridfl: federated learning with a served global model and personalized devices."""
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def new_run_dir(cfg: ExperimentConfig, out: Path | None) -> Path:
-    """``--out`` as given, else ``<output.root>/<name>``, never reusing a folder."""
-    if out is not None:
-        if out.exists() and any(out.iterdir()):
-            _fail(f"--out {out} exists and is not empty: choose a new folder")
-        return out
-    base = Path(cfg.output.root) / cfg.name
-    candidate, i = base, 1
-    while candidate.exists():
-        i += 1
-        candidate = base.with_name(f"{cfg.name}-{i}")
-    return candidate
+    if ctx.invoked_subcommand is None:
+        echo(ctx.get_help())
+        raise typer.Exit(0)
 
 
 @cli.command()
@@ -56,10 +66,7 @@ def simulate(
     config: Annotated[
         Path | None, typer.Argument(help="Experiment TOML (default: configs/quickstart.toml).")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Override a key: --set rounds=5 --set partition.alpha=0.1"),
-    ] = None,
+    set_: SetOpt = None,
     out: Annotated[
         Path | None, typer.Option("--out", help="Run folder (default: runs/<name>).")
     ] = None,
@@ -68,25 +75,26 @@ def simulate(
         typer.Option("--serve", help="Serve the model registry over HTTP while training."),
     ] = False,
     host: Annotated[str, typer.Option(help="Model server address (with --serve).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Model server port (0: a free one).")] = 0,
+    port: Annotated[int, port_option("Model server port, 1-65535 (0: a free one).")] = 0,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
-    from simulation.report import plot_accuracy, progress_line
+    from simulation.progress import done_line, plot_accuracy, progress_line
     from simulation.runner import RunnerError
     from simulation.runner import simulate as run_sim
 
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as err:
-        _fail(str(err))
-    run_dir = new_run_dir(cfg, out).resolve()
-    try:
-        stats = prepare_run_dir(cfg, run_dir)
-    except (DataError, ConfigError) as err:
-        _fail(str(err))
+    if serve and port:
+        from simulation.serving import check_port_free
+
+        try:
+            check_port_free(host, port)
+        except RunnerError as err:
+            fail(str(err))
+    prep = prepare(config, set_ or [], out, check=True)
+    cfg, run_dir, stats = prep.cfg, prep.run_dir, prep.stats
     s = stats.get("summary", {})
+    assert isinstance(s, dict)
     p = cfg.partition
-    typer.echo(
+    echo(
         f"run folder: {run_dir}\n"
         f"{p.num_devices} devices ({p.method} split of {cfg.data.dataset}; train samples per "
         f"device min {s.get('min_train')} / median {s.get('median_train')} / max "
@@ -96,64 +104,75 @@ def simulate(
     )
 
     def on_round(row: dict[str, object], timing: dict[str, object]) -> None:
-        typer.echo(progress_line(row, timing, cfg.rounds))
+        echo(progress_line(row, timing, cfg.rounds))
 
+    signals_as_interrupt()
     server = None
-    if serve:
-        from simulation.serving import start_model_server
-
-        server = start_model_server(run_dir, host, port)
-        typer.echo(f"model server: {server.url} (e.g. hybridfl fetch {server.url})")
     try:
+        if serve:
+            from simulation.serving import start_model_server
+
+            server = start_model_server(run_dir, host, port)
+            echo(f"model server: {server.url} (e.g. hybridfl fetch {server.url})")
         result = run_sim(cfg, run_dir, on_round=on_round)
     except RunnerError as err:
-        _fail(str(err), code=1)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: all processes stopped", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        fail(str(err), code=1)
+    except KeyboardInterrupt as err:
+        exit_interrupted(err)
     finally:
         if server is not None:
             server.stop()
     if not result.ok:
-        cause = result.failure or f"see {run_dir / 'logs' / 'run.log'}"
-        _fail(f"run {result.run_id} ended with status '{result.status}': {cause}", code=1)
+        cause = result.failure or f"no cause found in {run_dir / LOG_DIR}"
+        fail(f"run {result.run_id} ended with status '{result.status}': {cause}", code=1)
     if cfg.output.plot:
         plot_accuracy(run_dir)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    last = summary.get("last", {})
-    typer.secho(
-        f"done in {result.wall_s:.1f}s: global test accuracy {last.get('global_test_acc', 0):.4f}, "
-        f"personalized on devices {last.get('device_personal_acc') or 0:.4f} "
-        f"(global on devices {last.get('device_global_acc') or 0:.4f}); results in {run_dir}",
-        fg=typer.colors.GREEN,
-    )
+    typer.secho(done_line(summary, result.wall_s, run_dir), fg=typer.colors.GREEN)
 
 
 @cli.command("serve")
 def serve_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (finished or running).")],
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8080,
+    port: Annotated[int, port_option("Port to bind, 1-65535 (0: a free one).")] = 8080,
     token_file: Annotated[
         Path | None,
         typer.Option(help="File holding the write-API token (else env HYBRIDFL_TOKEN)."),
     ] = None,
 ) -> None:
     """Serve a run's global-model versions over HTTP (read API public, writes token-gated)."""
+    import os
+    import signal
+
     import uvicorn
 
     from server.http import create_app, load_token
 
-    if not (run_dir / "registry").is_dir():
-        _fail(f"{run_dir} has no model registry (registry/): is it a hybridfl run folder?")
+    if not (run_dir / REGISTRY_DIR).is_dir():
+        fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
     try:
         token = load_token(file=token_file)
     except ValueError as err:
-        _fail(str(err))
+        fail(str(err))
     if token is None:
-        typer.echo("write API disabled (set HYBRIDFL_TOKEN or --token-file to enable it)")
-    typer.echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
-    uvicorn.run(create_app(run_dir, token), host=host, port=port, log_level="warning")
+        echo("write API disabled (set HYBRIDFL_TOKEN or --token-file to enable it)")
+    # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again
+    # under the handlers it found: ours, which end like Ctrl-C. SIGHUP (a closed
+    # terminal) is passed on as SIGTERM, so it shuts down gracefully too.
+    if port == 0:
+        from simulation.flwr_cli import free_port
+
+        port = free_port()
+    signals_as_interrupt()
+    signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
+    echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
+    try:
+        app = create_app(run_dir, token)
+        # uvicorn.Server, not uvicorn.run: the latter swallows KeyboardInterrupt
+        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+    except KeyboardInterrupt as err:
+        exit_interrupted(err, "the model server is stopped")
 
 
 @cli.command("fetch")
@@ -171,21 +190,32 @@ def fetch_cmd(
 
     from client.fetch import FetchError, fetch_model, load_fetched_model
 
+    if out is not None:
+        if out.is_dir():
+            fail(f"--out {out} is a folder: give a file name, e.g. {out / 'model.safetensors'}")
+        if not out.parent.is_dir():
+            fail(f"--out {out}: folder {out.parent} does not exist; create it first")
     try:
         res = fetch_model(url, version=version, alias=alias, cache_dir=cache_dir)
         load_fetched_model(res)
     except FetchError as err:
-        _fail(str(err), code=1)
+        fail(str(err), code=1)
+    except OSError as err:
+        fail(f"--cache-dir {cache_dir}: {err.strerror or err}", code=1)
     m = res.manifest
     how = f"downloaded {res.bytes} bytes" if res.downloaded else "cache is current"
-    typer.echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}")
+    echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}")
     if out is not None:
         tmp = out.with_name(out.name + ".incomplete")
-        shutil.copyfile(res.path, tmp)
-        tmp.replace(out)
-        typer.echo(f"saved to {out}")
+        try:
+            shutil.copyfile(res.path, tmp)
+            tmp.replace(out)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            fail(f"--out {out}: cannot write it ({err.strerror or err})", code=1)
+        echo(f"saved to {out}")
     else:
-        typer.echo(f"file: {res.path}")
+        echo(f"file: {res.path}")
 
 
 cli.command()(report)

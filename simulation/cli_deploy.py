@@ -9,14 +9,22 @@ Each command is a thin wrapper over Flower's own (``flower-superlink``,
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Annotated
 
 import typer
 
+from simulation.cli_common import (
+    SetOpt,
+    echo,
+    exit_interrupted,
+    fail,
+    port_option,
+    prepare,
+    signals_as_interrupt,
+    warn,
+)
 from simulation.deploy import DEFAULT_SUPERLINK_PORT
 
 CertsOpt = Annotated[
@@ -30,33 +38,13 @@ InsecureOpt = Annotated[
     bool,
     typer.Option("--insecure", help="No TLS and no node authentication (local experiments only)."),
 ]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a key: --set rounds=5 --set partition.alpha=0.1"),
-]
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def _warn_insecure(what: str) -> None:
-    typer.secho(
-        f"warning: {what} runs WITHOUT TLS and without node authentication: anyone who "
-        "can reach the port can join or read the traffic. Use it only on a trusted machine.",
-        fg=typer.colors.YELLOW,
-        err=True,
+    warn(
+        f"{what} runs WITHOUT TLS and without node authentication: anyone who "
+        "can reach the port can join or read the traffic. Use it only on a trusted machine."
     )
-
-
-def _term_as_interrupt() -> None:
-    """SIGTERM ends like Ctrl-C, so ``finally`` blocks stop every child process."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _certs(certs: Path | None, insecure: bool, what: str) -> object:
@@ -66,16 +54,30 @@ def _certs(certs: Path | None, insecure: bool, what: str) -> object:
         _warn_insecure(what)
         return None
     if certs is None:
-        _fail(f"{what} needs --certs DIR (create one with `hybridfl certs DIR --devices N`)")
+        fail(f"{what} needs --certs DIR (create one with `hybridfl certs DIR --devices N`)")
     assert certs is not None
     files = CertFiles(certs.resolve())
     if not files.ca_cert.is_file():
-        _fail(f"{files.ca_cert} is missing: is {certs} a `hybridfl certs` folder?")
+        fail(f"{files.ca_cert} is missing: is {certs} a `hybridfl certs` folder?")
     return files
 
 
+def _git_work_tree(path: Path) -> Path | None:
+    """The git work tree ``path`` is inside, if any."""
+    for d in [path, *path.parents]:
+        if (d / ".git").exists():
+            return d
+    return None
+
+
 def certs_cmd(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write (created if needed).")],
+    out_dir: Annotated[
+        Path | None,
+        typer.Argument(
+            help="Folder to write (created if needed; default: ~/.config/hybridfl/certs, "
+            "outside any source tree)."
+        ),
+    ] = None,
     devices: Annotated[int, typer.Option("--devices", min=0, help="Device key pairs.")] = 1,
     host: Annotated[
         list[str] | None,
@@ -86,10 +88,18 @@ def certs_cmd(
 
     For tests and demos: real deployments use their own CA (see the README).
     """
-    from simulation.certs import make_certs
+    from simulation.certs import default_certs_dir, make_certs
 
+    out_dir = out_dir if out_dir is not None else default_certs_dir()
+    tree = _git_work_tree(out_dir.resolve())
+    if tree is not None:
+        warn(
+            f"{out_dir} is inside the git work tree {tree}: private keys there are one "
+            "`git add` away from a commit. Prefer a folder outside it (the default is "
+            f"{default_certs_dir()})."
+        )
     files = make_certs(out_dir, devices, host)
-    typer.echo(
+    echo(
         f"wrote {files.ca_cert}, {files.server_cert} (+ .key) and {devices} device key "
         f"pairs to {out_dir} (private keys are chmod 600; never commit them)"
     )
@@ -99,7 +109,7 @@ def superlink_cmd(
     certs: CertsOpt = None,
     host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: all).")] = "127.0.0.1",
     port: Annotated[
-        int, typer.Option(help="Port of the Fleet, Control and Runtime APIs.")
+        int, port_option("Port of the Fleet, Control and Runtime APIs, 1-65535.")
     ] = DEFAULT_SUPERLINK_PORT,
     register_keys: Annotated[
         bool,
@@ -117,12 +127,12 @@ def superlink_cmd(
 
     Wraps `flower-superlink --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile
     --enable-supernode-auth`; more keys can be added later with
-    `FLWR_HOME=HOME flwr supernode register KEY.pub hybridfl`.
+    `FLWR_HOME=HOME flwr supernode register KEY.pub hybridfl-superlink`.
     """
     from simulation.certs import CertFiles
-    from simulation.deploy import register_key, superlink_command, wait_superlink, write_connection
+    from simulation.deploy import register_key, superlink_command
+    from simulation.flwr_cli import RunnerError, flwr_env, wait_superlink, write_connection
     from simulation.procs import Processes
-    from simulation.runner import RunnerError, flwr_env
 
     files = _certs(certs, insecure, "the SuperLink")
     assert files is None or isinstance(files, CertFiles)
@@ -130,22 +140,22 @@ def superlink_cmd(
     write_connection(home, f"127.0.0.1:{port}", files.ca_cert if files else None)
     env = flwr_env(home)
     procs = Processes()
-    _term_as_interrupt()
+    signals_as_interrupt()
     log = home / "superlink.log"
     try:
-        proc = procs.start(superlink_command(port, host, files), env, log)
+        proc = procs.start(superlink_command(port, host, files), env, log, plain=True)
         wait_superlink(port, proc, log, files.ca_cert if files else None)
-        typer.echo(f"SuperLink up on {host}:{port} (log {log})")
+        echo(f"SuperLink up on {host}:{port} (log {log})")
         if files is not None and register_keys:
             for pub in sorted(files.root.glob("device-*.pub")):
-                typer.echo(f"registered {pub.name}: node {register_key(pub, env)}")
+                echo(f"registered {pub.name}: node {register_key(pub, env)}")
         while proc.poll() is None:
             time.sleep(0.5)
-        _fail(f"SuperLink exited with code {proc.returncode}; see {log}", code=1)
+        fail(f"SuperLink exited with code {proc.returncode}; see {log}", code=1)
     except RunnerError as err:
-        _fail(str(err), code=1)
-    except KeyboardInterrupt:
-        typer.echo("stopping the SuperLink")
+        fail(str(err), code=1)
+    except KeyboardInterrupt as err:
+        exit_interrupted(err, "the SuperLink is stopped")
     finally:
         procs.stop_all()
 
@@ -172,7 +182,7 @@ def device_cmd(
         str, typer.Option(help="Model server URL for the cold-start fetch (optional).")
     ] = "",
     port: Annotated[
-        int, typer.Option(help="Local Runtime API port of this SuperNode (0: a free one).")
+        int, port_option("Local Runtime API port of this SuperNode, 1-65535 (0: a free one).")
     ] = 0,
     home: Annotated[
         Path | None,
@@ -186,10 +196,10 @@ def device_cmd(
     """
     from simulation.certs import CertFiles
     from simulation.deploy import device_command
-    from simulation.runner import flwr_env, free_port
+    from simulation.flwr_cli import flwr_env, free_port
 
     if run_dir is None and (data is None or state_dir is None):
-        _fail("give --run-dir (one machine) or both --data and --state-dir (a real device)")
+        fail("give --run-dir (one machine) or both --data and --state-dir (a real device)")
     files = _certs(certs, insecure, "this device")
     assert files is None or isinstance(files, CertFiles)
     node_cfg: dict[str, str | int] = {}
@@ -197,7 +207,7 @@ def device_cmd(
         node_cfg["run-dir"] = str(run_dir.resolve())
     if data is not None:
         if not data.exists():
-            _fail(f"--data {data} does not exist")
+            fail(f"--data {data} does not exist")
         node_cfg["data"] = str(data.resolve())
     if state_dir is not None:
         state_dir.mkdir(parents=True, exist_ok=True)
@@ -207,7 +217,7 @@ def device_cmd(
     if files is not None and key is None:
         key = files.device_key(device_id)
         if not key.is_file():
-            _fail(f"{key} is missing: pass --key or create it with `hybridfl certs`")
+            fail(f"{key} is missing: pass --key or create it with `hybridfl certs`")
     if home is None:  # never inside the run folder: `hybridfl run --out` wants it empty
         base = state_dir if state_dir is not None else Path("supernode_home")
         home = base.resolve() / f"flwr_home-{device_id}"
@@ -221,7 +231,7 @@ def device_cmd(
         key if files else None,
     )
     env = flwr_env(home)
-    typer.echo(f"device {device_id}: {' '.join(cmd[:3])} ...", err=True)
+    echo(f"device {device_id}: {' '.join(cmd[:3])} ...", err=True)
     os.execvpe(cmd[0], cmd, env)
 
 
@@ -241,47 +251,38 @@ def run_cmd(
     certificates), streams metrics.jsonl; exit code 1 when the run failed.
     The SuperLink's ServerApp reads the run folder: run this on the SuperLink's machine.
     """
-    from common.config import ConfigError, load_config
-    from common.data import DataError
-    from common.rundir import LOG_DIR, prepare_run_dir
+    from common.rundir import FLWR_HOME_DIR, LOG_DIR
     from simulation.certs import CertFiles
-    from simulation.cli import new_run_dir
-    from simulation.deploy import failure_of, follow_run, submit, write_connection
-    from simulation.report import progress_line
-    from simulation.runner import RunnerError, app_dir, flwr_env
+    from simulation.deploy import submit_deployment
+    from simulation.flwr_cli import RunnerError, flwr_env, write_connection
+    from simulation.progress import progress_line
+    from simulation.runner import SUBMIT_LOG, failure_of, follow_run
 
     files = _certs(certs, insecure, "`hybridfl run`")
     assert files is None or isinstance(files, CertFiles)
-    try:
-        cfg = load_config(config, set_ or [])
-    except ConfigError as err:
-        _fail(str(err))
-    run_dir = new_run_dir(cfg, out).resolve()
-    try:
-        prepare_run_dir(cfg, run_dir)
-    except (DataError, ConfigError) as err:
-        _fail(str(err))
-    home = run_dir / "flwr_home"
+    prep = prepare(config, set_ or [], out)
+    cfg, run_dir = prep.cfg, prep.run_dir
+    home = run_dir / FLWR_HOME_DIR
     write_connection(home, superlink, files.ca_cert if files else None)
     env = flwr_env(home)
-    typer.echo(f"run folder: {run_dir}")
+    echo(f"run folder: {run_dir}")
+    signals_as_interrupt()
     try:
         (run_dir / LOG_DIR).mkdir(parents=True, exist_ok=True)
-        run_id = submit(app_dir(run_dir), run_dir, env, run_dir / LOG_DIR / "flwr-run.log")
-        typer.echo(f"run {run_id} submitted to {superlink}")
+        run_id = submit_deployment(run_dir, env, run_dir / LOG_DIR / SUBMIT_LOG)
+        echo(f"run {run_id} submitted to {superlink}")
         status = follow_run(
             run_id,
             run_dir,
             env,
-            lambda row, timing: typer.echo(progress_line(row, timing, cfg.rounds)),
+            lambda row, timing: echo(progress_line(row, timing, cfg.rounds)),
         )
     except RunnerError as err:
-        _fail(str(err), code=1)
-    except KeyboardInterrupt:
-        typer.secho("interrupted (the run goes on: `flwr stop`)", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        fail(str(err), code=1)
+    except KeyboardInterrupt as err:
+        exit_interrupted(err, "the run goes on in the SuperLink: `flwr stop` ends it")
     if status != "finished:completed":
-        _fail(f"run {run_id} ended with status '{status}': {failure_of(run_dir)}", code=1)
+        fail(f"run {run_id} ended with status '{status}': {failure_of(run_dir)}", code=1)
     typer.secho(f"run {run_id} completed; results in {run_dir}", fg=typer.colors.GREEN)
 
 
@@ -302,49 +303,46 @@ def deploy_cmd(
     Writes the same run folder as `simulate` (plus certs/ and per-device logs) and
     stops every process it started, also on Ctrl-C.
     """
-    from common.config import ConfigError, load_config
-    from common.data import DataError
-    from common.rundir import prepare_run_dir
-    from simulation.cli import new_run_dir
+    import json
+
+    from common.rundir import SUMMARY_FILE
     from simulation.deploy import deploy
-    from simulation.report import progress_line
+    from simulation.progress import done_line, plot_accuracy, progress_line
     from simulation.runner import RunnerError
 
     if insecure:
         _warn_insecure("this deployment")
-    try:
-        cfg = load_config(config, [*(set_ or []), f"partition.num_devices={devices}"])
-    except ConfigError as err:
-        _fail(str(err))
-    run_dir = new_run_dir(cfg, out).resolve()
-    try:
-        prepare_run_dir(cfg, run_dir)
-    except (DataError, ConfigError) as err:
-        _fail(str(err))
-    typer.echo(f"run folder: {run_dir}\n{devices} device processes, {cfg.rounds} rounds")
-    _term_as_interrupt()
+    overrides = set_ or []
+    if any(o.split("=", 1)[0].strip() == "partition.num_devices" for o in overrides):
+        warn(f"--devices {devices} overrides --set partition.num_devices")
+    prep = prepare(config, [*overrides, f"partition.num_devices={devices}"], out)
+    cfg, run_dir = prep.cfg, prep.run_dir
+    echo(f"run folder: {run_dir}\n{devices} device processes, {cfg.rounds} rounds")
+    signals_as_interrupt()
     try:
         result = deploy(
             cfg,
             run_dir,
             devices,
-            lambda row, timing: typer.echo(progress_line(row, timing, cfg.rounds)),
+            lambda row, timing: echo(progress_line(row, timing, cfg.rounds)),
             secure=not insecure,
             model_server=serve,
         )
     except RunnerError as err:
-        _fail(str(err), code=1)
-    except KeyboardInterrupt:
-        typer.secho("interrupted: all processes stopped", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130) from None
+        fail(str(err), code=1)
+    except KeyboardInterrupt as err:
+        exit_interrupted(err)
     if not result.ok:
-        _fail(f"run {result.run_id} ended with status '{result.status}': {result.failure}", 1)
-    typer.secho(f"done in {result.wall_s:.1f}s; results in {run_dir}", fg=typer.colors.GREEN)
+        fail(f"run {result.run_id} ended with status '{result.status}': {result.failure}", 1)
+    if cfg.output.plot:
+        plot_accuracy(run_dir)
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    typer.secho(done_line(summary, result.wall_s, run_dir), fg=typer.colors.GREEN)
 
 
 def device_data_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A prepared run folder.")],
-    device_id: Annotated[int, typer.Option("--device-id", min=0)],
+    device_id: Annotated[int, typer.Option("--device-id", min=0, help="The device's id.")],
     out: Annotated[Path, typer.Option("--out", help="Device data file to write (.npz).")],
 ) -> None:
     """Write one device's own split (train and test) to a file for that device's disk."""
@@ -353,8 +351,8 @@ def device_data_cmd(
     try:
         export_device_data(run_dir, device_id, out)
     except (OSError, ValueError, RuntimeError) as err:
-        _fail(str(err))
-    typer.echo(f"wrote {out}")
+        fail(str(err))
+    echo(f"wrote {out}")
 
 
 def register(cli: typer.Typer) -> None:

@@ -10,9 +10,6 @@ under Ray; a device finds its data and personal state from its ``node_config``.
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shlex
 import subprocess
 import threading
 import time
@@ -20,25 +17,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import numpy as np
 
 from common.config import ExperimentConfig
-from common.rundir import (
-    LOG_DIR,
-    STATE_DIR,
-)
+from common.rundir import FLWR_HOME_DIR, LOG_DIR, STATE_DIR
 from simulation.certs import CertFiles, make_certs
-from simulation.procs import Processes
-from simulation.runner import (
+from simulation.flwr_cli import (
     CONNECTION,
     RunnerError,
+    flwr_env,
+    flwr_json,
+    free_port,
+    stream_log_cmd,
+    submit,
+    wait_superlink,
+    write_connection,
+)
+from simulation.procs import Processes
+from simulation.runner import (
+    RUN_LOG,
+    SUBMIT_LOG,
+    SUPERLINK_LOG,
+    ProgressFn,
     RunResult,
     app_dir,
     failure_of,
-    flwr_env,
     follow_run,
-    free_port,
 )
 
 DEFAULT_SUPERLINK_PORT = 9093
@@ -47,24 +51,9 @@ DEVICE_DATA_DIR = "device_data"
 TASK_POLL_S = "0.2"
 """Flower's SuperExec looks for new ClientApp tasks every second by default
 (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``); a shorter interval cuts up to 0.8 s per message."""
-ProgressFn = Callable[[dict[str, object], dict[str, object]], None]
 
 
 # -- configuration of Flower's own tools ---------------------------------------------
-def write_connection(flwr_home: Path, address: str, ca_cert: Path | None) -> None:
-    """``FLWR_HOME/config.toml`` with one connection: TLS with our CA, or insecure."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    tls = (
-        f'root-certificates = "{ca_cert.resolve()}"\n'
-        if ca_cert is not None
-        else "insecure = true\n"
-    )
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\n{tls}'
-    )
-
-
 def node_config_arg(values: dict[str, str | int]) -> str:
     """``--node-config`` value: ints bare, strings quoted (paths must not hold spaces)."""
     parts = []
@@ -124,83 +113,32 @@ def device_command(
     return cmd
 
 
-def wait_superlink(
-    port: int,
-    proc: subprocess.Popen[bytes],
-    log: Path,
-    ca_cert: Path | None,
-    timeout_s: float = 60.0,
-) -> None:
-    """Poll the SuperLink's ``/health`` (over TLS, verified with our CA, when secure)."""
-    url = f"{'https' if ca_cert else 'http'}://127.0.0.1:{port}/health"
-    verify: str | bool = str(ca_cert) if ca_cert else False
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RunnerError(f"SuperLink exited with code {proc.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=1.0, verify=verify).is_success:
-                return
-        time.sleep(0.2)
-    raise RunnerError(f"SuperLink did not become healthy within {timeout_s:.0f}s; see {log}")
-
-
 def register_key(public_key: Path, env: dict[str, str]) -> int:
     """Register a device's public key with ``flwr supernode register``; its node id."""
-    out = subprocess.run(
-        ["flwr", "supernode", "register", str(public_key), CONNECTION, "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
+    payload, raw = flwr_json(
+        ["supernode", "register", str(public_key), CONNECTION], env, f"registering {public_key}"
     )
     try:
-        payload = json.loads(out.stdout[out.stdout.index("{") :])
         return int(payload["node-id"])
-    except (ValueError, KeyError, TypeError):
-        raise RunnerError(
-            f"registering {public_key} failed (exit {out.returncode}): "
-            f"{(out.stdout + out.stderr)[-1000:]}"
-        ) from None
+    except (KeyError, TypeError, ValueError):
+        raise RunnerError(f"registering {public_key} gave no node id: {raw[-1000:]}") from None
 
 
 def list_nodes(env: dict[str, str]) -> list[dict[str, object]]:
     """The SuperLink's node table (``flwr supernode ls``): ids and online status."""
-    out = subprocess.run(
-        ["flwr", "supernode", "ls", CONNECTION, "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
     try:
-        return list(json.loads(out.stdout[out.stdout.index("{") :])["nodes"])
-    except (ValueError, KeyError, TypeError):
+        payload, _ = flwr_json(["supernode", "ls", CONNECTION], env, "listing the SuperNodes")
+        return list(payload["nodes"])
+    except (RunnerError, KeyError, TypeError):
         return []
 
 
-def submit(app: Path, run_dir: Path, env: dict[str, str], log: Path) -> int:
-    """``flwr run`` to a deployment (no federation options): the run id."""
-    cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", f'run-dir="{run_dir}"']
-    out = subprocess.run(
-        [*cmd, "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    with log.open("a") as f:
-        f.write(out.stdout + out.stderr)
-    try:
-        return int(json.loads(out.stdout[out.stdout.index("{") :])["run-id"])
-    except (ValueError, KeyError, TypeError):
-        raise RunnerError(
-            f"flwr run failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}"
-        ) from None
+def submit_deployment(run_dir: Path, env: dict[str, str], log: Path) -> int:
+    """``flwr run`` to a deployment (no federation options): the run id.
+
+    The ServerApp's population is the registered SuperNodes, one device each.
+    """
+    return submit(app_dir(run_dir), env, log, {"run-dir": str(run_dir), "population": "nodes"})
 
 
 def export_device_data(run_dir: Path, device_id: int, out: Path) -> Path:
@@ -247,7 +185,7 @@ class Deployment:
         self.port = self.port or free_port()
         self.logs = self.run_dir / LOG_DIR
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.flwr_home = self.run_dir / "flwr_home"
+        self.flwr_home = self.run_dir / FLWR_HOME_DIR
         ca = self.certs.ca_cert if self.certs else None
         write_connection(self.flwr_home, self.address, ca)
         self.env = flwr_env(self.flwr_home)
@@ -260,9 +198,9 @@ class Deployment:
         return f"127.0.0.1:{self.port}"
 
     def start_superlink(self) -> None:
-        log = self.logs / "superlink.log"
+        log = self.logs / SUPERLINK_LOG
         cmd = superlink_command(self.port, "127.0.0.1", self.certs)
-        self.link = self.procs.start(cmd, self.env, log, cwd=self.run_dir)
+        self.link = self.procs.start(cmd, self.env, log, cwd=self.run_dir, plain=True)
         wait_superlink(self.port, self.link, log, self.certs.ca_cert if self.certs else None)
 
     def register(self, device_ids: list[int]) -> dict[int, int]:
@@ -317,7 +255,7 @@ class Deployment:
             key,
         )
         procs = self.devices.setdefault(device_id, Processes())
-        return procs.start(cmd, env, self.logs / f"device-{device_id}.log", cwd=home)
+        return procs.start(cmd, env, self.logs / f"device-{device_id}.log", cwd=home, plain=True)
 
     def kill_device(self, device_id: int, crash: bool = False) -> None:
         """Stop device ``device_id`` and everything it started; ``crash``: no grace at all."""
@@ -348,20 +286,18 @@ class Deployment:
         return thread
 
     def submit(self) -> int:
-        return submit(app_dir(self.run_dir), self.run_dir, self.env, self.logs / "flwr-run.log")
+        return submit_deployment(self.run_dir, self.env, self.logs / SUBMIT_LOG)
 
     def check_alive(self) -> None:
         if self.link is not None and self.link.poll() is not None:
             raise RunnerError(
                 f"SuperLink exited unexpectedly (code {self.link.returncode}); "
-                f"see {self.logs / 'superlink.log'}"
+                f"see {self.logs / SUPERLINK_LOG}"
             )
 
     def follow(self, run_id: int, on_round: ProgressFn | None = None) -> str:
-        log = self.logs / "run.log"
-        self.procs.start(
-            ["flwr", "log", str(run_id), CONNECTION, "--stream"], self.env, log, cwd=self.run_dir
-        )
+        log = self.logs / RUN_LOG
+        self.procs.start(stream_log_cmd(run_id), self.env, log, cwd=self.flwr_home, plain=True)
         return follow_run(run_id, self.run_dir, self.env, on_round, self.check_alive)
 
     def stop(self) -> None:
@@ -406,22 +342,16 @@ def deploy(
         dep.stop()
 
 
-def describe(cmd: list[str]) -> str:
-    """A command as a shell line (for ``--dry-run`` and logs)."""
-    return shlex.join(cmd)
-
-
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
     "Deployment",
     "deploy",
     "device_command",
     "export_device_data",
-    "follow_run",
     "list_nodes",
     "node_config_arg",
     "register_key",
-    "submit",
+    "submit_deployment",
     "superlink_command",
     "wait_superlink",
     "write_connection",

@@ -1,20 +1,108 @@
-"""Start child processes and stop them all, grandchildren included.
+"""Start child processes and stop them all, grandchildren included, even when we die.
 
 Why walk /proc: the SuperLink starts ``flower-superexec`` in a session of its
 own, which starts the simulation process and Ray; killing the SuperLink's process
 group alone would leave all of those running. We collect the whole tree and its
 process groups first, then signal every group.
+
+Why more when this process is killed (``kill -9``, an OOM kill, a closed terminal):
+no ``finally`` runs then. Two guards cover it:
+
+* every child asks the kernel for SIGTERM when its parent dies
+  (``PR_SET_PDEATHSIG``), which stops the SuperLink, the model server and
+  ``flwr log`` at once;
+* a watchdog process (``simulation/watchdog.py``) waits on a pipe only we hold and,
+  when it closes, stops every process whose environment carries our marker
+  ``HYBRIDFL_OWNER=<token>``: also those that started sessions of their own and
+  were re-parented to init (SuperExec, the simulation process, Ray).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import re
 import signal
 import subprocess
+import sys
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
+
+OWNER_VAR = "HYBRIDFL_OWNER"
+"""Environment marker of every process this command started (and of theirs)."""
+OWNER_TOKEN = uuid.uuid4().hex
+_PR_SET_PDEATHSIG = 1
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+_watchdog_lock = threading.Lock()
+_watchdog_pipe: int | None = None
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _load_prctl()
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """``preexec_fn``: a new session, SIGTERM when the parent dies (Linux)."""
+
+    def preexec() -> None:
+        os.setsid()
+        if _prctl is not None:
+            _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def ensure_watchdog() -> None:
+    """Start this process's watchdog once (Linux; a no-op elsewhere)."""
+    global _watchdog_pipe
+    with _watchdog_lock:
+        if _watchdog_pipe is not None or not Path("/proc").is_dir():
+            return
+        r, w = os.pipe()  # both ends close-on-exec: no other child inherits them
+        try:
+            subprocess.Popen(
+                [sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), str(r),
+                 OWNER_TOKEN],
+                pass_fds=(r,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(r)
+        _watchdog_pipe = w
+
+
+def owned_env(env: dict[str, str] | None) -> dict[str, str]:
+    """``env`` (default: ours) with this command's owner marker."""
+    return {**(os.environ if env is None else env), OWNER_VAR: OWNER_TOKEN}
+
+
+def _copy_plain(src: IO[bytes], log: Path) -> None:
+    """Copy a child's output to its log without terminal colour codes."""
+    with log.open("ab") as out:
+        for line in iter(src.readline, b""):
+            out.write(_ANSI.sub(b"", line))
+            out.flush()
+    src.close()
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -68,13 +156,41 @@ class Processes:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     def start(
-        self, cmd: list[str], env: dict[str, str] | None, log: Path, cwd: Path | None = None
+        self,
+        cmd: list[str],
+        env: dict[str, str] | None,
+        log: Path,
+        cwd: Path | None = None,
+        plain: bool = False,
     ) -> subprocess.Popen[bytes]:
+        """Start ``cmd`` in a session of its own, output to ``log``.
+
+        ``plain``: strip terminal colour codes from the output (Flower colours its
+        log lines whatever the terminal). Children started from the main thread also
+        get SIGTERM when we die (``PR_SET_PDEATHSIG`` fires when the *thread* that
+        started the child ends, so other threads rely on the watchdog alone).
+        """
+        ensure_watchdog()
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
+        main = threading.current_thread() is threading.main_thread()
+        kwargs: dict[str, object] = (
+            {"preexec_fn": _die_with_parent(os.getpid())} if main else {"start_new_session": True}
+        )
+        if plain:
             p = subprocess.Popen(
-                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True
-            )
+                cmd, env=owned_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, cwd=cwd, **kwargs,  # type: ignore[call-overload]
+            )  # fmt: skip
+            assert p.stdout is not None
+            threading.Thread(
+                target=_copy_plain, args=(p.stdout, log), name=f"log-{log.name}", daemon=True
+            ).start()
+        else:
+            with log.open("ab") as out:
+                p = subprocess.Popen(
+                    cmd, env=owned_env(env), stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, cwd=cwd, **kwargs,  # type: ignore[call-overload]
+                )  # fmt: skip
         self.procs.append(p)
         return p
 
@@ -108,3 +224,46 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state[state.rfind(")") + 2] != "Z"
+
+
+def _inodes_of(pid: int) -> set[str]:
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    return inodes
+
+
+def _hex_ip(text: str) -> str:
+    raw = bytes.fromhex(text)
+    if len(raw) == 4:
+        return ".".join(str(b) for b in raw[::-1])
+    # IPv6: four little-endian 32-bit words
+    words = [raw[i : i + 4][::-1] for i in range(0, 16, 4)]
+    full = b"".join(words)
+    if full[:12] == b"\0" * 10 + b"\xff\xff":
+        return "::ffff:" + ".".join(str(b) for b in full[12:])
+    import ipaddress
+
+    return str(ipaddress.IPv6Address(full))
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """TCP sockets in LISTEN state held by ``pids``: (pid, address, port) (Linux)."""
+    table: dict[str, tuple[str, int]] = {}
+    for name in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A":  # TCP_LISTEN
+                    ip, port = cols[1].split(":")
+                    table[cols[9]] = (_hex_ip(ip), int(port, 16))
+    out = []
+    for pid in pids:
+        for inode in _inodes_of(pid):
+            if inode in table:
+                out.append((pid, *table[inode]))
+    return out

@@ -7,79 +7,60 @@ process we start is ours to stop (also on Ctrl-C).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import re
 import shutil
-import socket
-import subprocess
-import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from common.config import ExperimentConfig
+from common.rows import RoundRow, TimingRow, read_rows, read_timings
 from common.rundir import (
     FAILURE_FILE,
+    FLWR_HOME_DIR,
     LOG_DIR,
     METRICS_FILE,
+    RAY_DIR,
     SUMMARY_FILE,
     TIMINGS_FILE,
-    read_jsonl,
+)
+from simulation.flwr_cli import (
+    RunnerError,
+    app_run_config_keys,
+    flwr_env,
+    free_port,
+    run_status,
+    stream_log_cmd,
+    submit,
+    wait_superlink,
+    write_connection,
 )
 from simulation.procs import Processes
 
 ROOT = Path(__file__).resolve().parent.parent
 APP_PACKAGES = ("common", "client", "server", "simulation")
-CONNECTION = "hybridfl"
 STATUS_POLL_S = 30.0
+STATUS_UNKNOWN_LIMIT_S = 120.0
+"""How long ``flwr ls`` may fail in a row before following the run gives up."""
+ENDED_LIMIT_S = 120.0
+"""How long after the ServerApp's end marker the SuperLink may take to say "finished"."""
+SUPERLINK_LOG = "superlink.log"
+RUN_LOG = "run.log"
+SUBMIT_LOG = "flwr-run.log"
 
 
-class RunnerError(RuntimeError):
-    """The run could not be started or did not finish successfully."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def flwr_env(flwr_home: Path, ray_tmp: Path | None = None, ray_address: str = "") -> dict[str, str]:
-    """Environment for every Flower process of a run: isolated and quiet."""
-    env = dict(os.environ)
-    env.update(
-        {
-            "FLWR_HOME": str(flwr_home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "RAY_USAGE_STATS_ENABLED": "0",
-            "RAY_DEDUP_LOGS": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    if ray_tmp is not None:
-        env["RAY_TMPDIR"] = str(ray_tmp)
-    if ray_address:
-        env["RAY_ADDRESS"] = ray_address
-    else:
-        env.pop("RAY_ADDRESS", None)
-    bindir = str(Path(sys.executable).parent)
-    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
-    return env
-
-
-def write_flower_config(flwr_home: Path, address: str) -> None:
-    """A Flower config with one connection, so ``flwr`` talks to our SuperLink only."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "{address}"\ninsecure = true\n'
-    )
+def superlink_sim_command(port: int) -> list[str]:
+    """``flower-superlink`` in simulation mode, every API on 127.0.0.1 only."""
+    return [
+        "flower-superlink", "--insecure", "--simulation",
+        "--isolation", "subprocess",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
 
 
 def app_dir(run_dir: Path) -> Path:
@@ -98,7 +79,7 @@ def app_dir(run_dir: Path) -> Path:
         '[project]\nname = "hybridfl"\nversion = "0.1.0"\ndependencies = []\n\n'
         '[tool.flwr.app]\npublisher = "hybridfl"\n\n[tool.flwr.app.components]\n'
         'serverapp = "server.app:app"\nclientapp = "client.app:app"\n\n'
-        '[tool.flwr.app.config]\nconfig = ""\nrun-dir = ""\n'
+        '[tool.flwr.app.config]\nconfig = ""\nrun-dir = ""\npopulation = "partition"\n'
     )
     return dst
 
@@ -110,12 +91,10 @@ def ray_tmpdir(run_dir: Path) -> Path:
     when the run folder's path is too long we use a short folder under /tmp and
     leave a symlink to it in the run folder.
     """
-    target = run_dir / "ray"
+    target = run_dir / RAY_DIR
     if len(str(target.resolve())) <= 40:
         target.mkdir(parents=True, exist_ok=True)
         return target
-    import tempfile
-
     short = Path(tempfile.mkdtemp(prefix="hfl-ray-"))
     if target.is_symlink() or target.exists():
         target.unlink()
@@ -136,71 +115,40 @@ class RunResult:
         return self.status == "finished:completed"
 
 
-def wait_healthy(
-    port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 60.0
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RunnerError(f"SuperLink exited with code {proc.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).is_success:
-                return
-        time.sleep(0.2)
-    raise RunnerError(f"SuperLink did not become healthy within {timeout_s:.0f}s; see {log}")
+def submit_simulation(
+    app: Path, run_dir: Path, cfg: ExperimentConfig, env: dict[str, str], log: Path
+) -> int:
+    """``flwr run`` in simulation mode: the run id.
 
-
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    """The run's real status from the SuperLink (the ``flwr run`` exit code lacks it)."""
-    out = subprocess.run(
-        ["flwr", "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    try:
-        runs = json.loads(out.stdout)["runs"]
-        return str(runs[0]["status"])
-    except (json.JSONDecodeError, KeyError, IndexError):
-        return "unknown"
-
-
-def _submit(app: Path, run_dir: Path, cfg: ExperimentConfig, env: dict[str, str], log: Path) -> int:
+    The federation has ``simulation.num_slots`` virtual SuperNodes (execution slots,
+    not devices: a message to a slot carries several device ids), and the ServerApp
+    learns that its population is the partition, not the SuperNodes.
+    """
     sim = cfg.simulation
-    fed = [
-        f"num-supernodes={cfg.partition.num_devices}",
-        f"client-resources-num-cpus={sim.num_cpus_per_client}",
-        f"client-resources-num-gpus={float(sim.num_gpus_per_client)}",
-    ]
+    # Until the ServerApp declares the `population` run-config key it registers one
+    # SuperNode per device, so the federation must still have one per device.
+    slotted = "population" in app_run_config_keys(app)
+    fed: dict[str, str | int | float | bool] = {
+        "num-supernodes": (
+            sim.num_slots(os.cpu_count() or 1) if slotted else cfg.partition.num_devices
+        ),
+        "client-resources-num-cpus": sim.num_cpus_per_client,
+        "client-resources-num-gpus": float(sim.num_gpus_per_client),
+    }
     if sim.max_workers > 0 and not sim.ray_address:
-        fed.append(f"init-args-num-cpus={sim.max_workers}")
-    cmd = [
-        "flwr", "run", str(app), CONNECTION,
-        "--run-config", f'run-dir="{run_dir}"',
-        "--federation-config", " ".join(fed),
-        "--format", "json",
-    ]  # fmt: skip
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-    with log.open("a") as f:
-        f.write(out.stdout + out.stderr)
-    try:
-        payload = json.loads(out.stdout[out.stdout.index("{") :])
-        return int(payload["run-id"])
-    except (ValueError, KeyError, TypeError):
-        raise RunnerError(
-            f"flwr run failed (exit {out.returncode}):\n{(out.stdout + out.stderr)[-2000:]}"
-        ) from None
+        fed["init-args-num-cpus"] = sim.max_workers
+    return submit(app, env, log, {"run-dir": str(run_dir), "population": "partition"}, fed)
 
 
-ProgressFn = Callable[[dict[str, object], dict[str, object]], None]
+ProgressFn = Callable[[RoundRow, TimingRow | None], None]
 
 
-def _follow(path: Path, seen: int) -> Iterator[dict[str, object]]:
-    rows = read_jsonl(path)
-    yield from rows[seen:]
+def _follow(run_dir: Path, seen: int) -> Iterator[RoundRow]:
+    yield from read_rows(run_dir / METRICS_FILE)[seen:]
+
+
+def _timing(run_dir: Path, round_: int) -> TimingRow | None:
+    return next((t for t in read_timings(run_dir / TIMINGS_FILE) if t.round == round_), None)
 
 
 def follow_run(
@@ -215,34 +163,79 @@ def follow_run(
     """Stream ``metrics.jsonl`` until the SuperLink says the run finished; its status.
 
     ``alive`` raises when a process the run depends on died (e.g. the SuperLink).
+    Never waits without a deadline on the SuperLink: when ``flwr ls`` keeps failing
+    for ``STATUS_UNKNOWN_LIMIT_S``, or the run does not finish within
+    ``ENDED_LIMIT_S`` of the ServerApp's end marker, it raises ``RunnerError``.
     """
-    seen, last_check, status = 0, 0.0, "unknown"
+    seen, last_check = 0, 0.0
+    unknown_since: float | None = None
+    ended_at: float | None = None
     while True:
-        for row in _follow(run_dir / METRICS_FILE, seen):
+        for row in _follow(run_dir, seen):
             seen += 1
             if on_round:
-                timings = _follow(run_dir / TIMINGS_FILE, 0)
-                on_round(row, next((t for t in timings if t.get("round") == row["round"]), {}))
+                on_round(row, _timing(run_dir, row.round))
         if alive is not None:
             alive()
-        ended = (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
         now = time.monotonic()
-        if now - last_check > (1.0 if ended else status_every_s):
+        if ended_at is None and (
+            (run_dir / SUMMARY_FILE).exists() or (run_dir / FAILURE_FILE).exists()
+        ):
+            ended_at = now
+        if now - last_check > (1.0 if ended_at is not None else status_every_s):
             last_check = now
-            status = run_status(run_id, env)
+            try:
+                status = run_status(run_id, env)
+                unknown_since = None
+            except RunnerError as err:
+                unknown_since = unknown_since or now
+                if now - unknown_since > STATUS_UNKNOWN_LIMIT_S:
+                    raise RunnerError(
+                        f"the SuperLink did not report the status of run {run_id} for "
+                        f"{STATUS_UNKNOWN_LIMIT_S:.0f}s: {err}"
+                    ) from None
+                status = "unknown"
             if status.startswith("finished"):
-                for row in _follow(run_dir / METRICS_FILE, seen):
+                for row in _follow(run_dir, seen):
                     seen += 1
                     if on_round:
-                        on_round(row, {})
+                        on_round(row, _timing(run_dir, row.round))
                 return status
+            if ended_at is not None and now - ended_at > ENDED_LIMIT_S:
+                raise RunnerError(
+                    f"the ServerApp ended but the SuperLink still reports run {run_id} as "
+                    f"'{status}' after {ENDED_LIMIT_S:.0f}s"
+                )
         time.sleep(poll_s)
 
 
-def failure_of(run_dir: Path) -> str | None:
-    if (run_dir / FAILURE_FILE).exists():
-        return str(json.loads((run_dir / FAILURE_FILE).read_text()).get("error"))
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_ERROR_LINE = re.compile(r"^(ERROR\b.*|\w*(Error|Exception)\b.*)$")
+
+
+def cause_from_logs(logs: Path, limit: int = 600) -> str | None:
+    """The last error a run's logs name (run log first, then the SuperLink's)."""
+    for name in (RUN_LOG, SUPERLINK_LOG):
+        path = logs / name
+        if not path.exists():
+            continue
+        lines = [_ANSI.sub("", x).strip() for x in path.read_text(errors="replace").splitlines()]
+        hits = [x for x in lines if _ERROR_LINE.match(x)]
+        if hits:
+            last = hits[-1]
+            if last.startswith("ERROR") and ":" in last:
+                last = last.split(":", 1)[1].strip()
+            return last[:limit]
     return None
+
+
+def failure_of(run_dir: Path) -> str | None:
+    """Why a run failed: the ServerApp's ``failure.json``, else the logs' last error."""
+    if (run_dir / FAILURE_FILE).exists():
+        with_error = json.loads((run_dir / FAILURE_FILE).read_text()).get("error")
+        if with_error:
+            return str(with_error)
+    return cause_from_logs(run_dir / LOG_DIR)
 
 
 def simulate(
@@ -255,30 +248,18 @@ def simulate(
     run_dir = run_dir.resolve()
     logs = run_dir / LOG_DIR
     logs.mkdir(parents=True, exist_ok=True)
-    flwr_home = run_dir / "flwr_home"
+    flwr_home = run_dir / FLWR_HOME_DIR
     port = free_port()
-    write_flower_config(flwr_home, f"127.0.0.1:{port}")
+    write_connection(flwr_home, f"127.0.0.1:{port}")
     env = flwr_env(flwr_home, ray_tmpdir(run_dir), cfg.simulation.ray_address)
     procs = Processes()
     t0 = time.perf_counter()
     try:
-        link_log = logs / "superlink.log"
-        link = procs.start(
-            [
-                "flower-superlink", "--insecure", "--simulation",
-                "--isolation", "subprocess",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-            link_log,
-            cwd=run_dir,
-        )  # fmt: skip
-        wait_healthy(port, link, link_log)
-        run_id = _submit(app_dir(run_dir), run_dir, cfg, env, logs / "flwr-run.log")
-        procs.start(
-            ["flwr", "log", str(run_id), CONNECTION, "--stream"], env, logs / "run.log", cwd=run_dir
-        )
+        link_log = logs / SUPERLINK_LOG
+        link = procs.start(superlink_sim_command(port), env, link_log, cwd=run_dir, plain=True)
+        wait_superlink(port, link, link_log)
+        run_id = submit_simulation(app_dir(run_dir), run_dir, cfg, env, logs / SUBMIT_LOG)
+        procs.start(stream_log_cmd(run_id), env, logs / RUN_LOG, cwd=flwr_home, plain=True)
 
         def superlink_alive() -> None:
             if link.poll() is not None:
@@ -290,7 +271,21 @@ def simulate(
         # follow_run asks the SuperLink rarely (each `flwr ls` costs ~1 s of CPU that
         # the devices would otherwise use), in case the ServerApp died without a word.
         status = follow_run(run_id, run_dir, env, on_round, superlink_alive, poll_s)
-        failure = failure_of(run_dir)
+        failure = None if status == "finished:completed" else failure_of(run_dir)
         return RunResult(run_id, status, time.perf_counter() - t0, run_dir, failure)
     finally:
         procs.stop_all()
+
+
+__all__ = [
+    "RunResult",
+    "RunnerError",
+    "app_dir",
+    "cause_from_logs",
+    "failure_of",
+    "follow_run",
+    "ray_tmpdir",
+    "simulate",
+    "submit_simulation",
+    "superlink_sim_command",
+]

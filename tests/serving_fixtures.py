@@ -23,6 +23,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from common.rundir import REGISTRY_DIR
+
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
 SPEC = {"name": "mlp2nn", "input_shape": [1, 8, 8], "num_classes": 10, "hidden": 32}
@@ -70,10 +72,18 @@ class ServerProcess:
 
 
 def start_model_server_process(
-    run_dir: Path, *, token: str | None = None, memory_cache_bytes: int = 64 << 20
+    run_dir: Path,
+    *,
+    token: str | None = None,
+    memory_cache_bytes: int = 64 << 20,
+    extra_path: Path | None = None,
 ) -> ServerProcess:
-    """Start ``create_app(run_dir, token)`` under uvicorn and wait for /healthz."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    """Start ``create_app(run_dir, token)`` under uvicorn and wait for /healthz.
+
+    ``extra_path`` goes on the child's ``PYTHONPATH`` (e.g. a stand-in package).
+    """
+    path = str(ROOT) if extra_path is None else f"{ROOT}{os.pathsep}{extra_path}"
+    env = {**os.environ, "PYTHONPATH": path}
     env.pop("HYBRIDFL_TEST_TOKEN", None)
     if token is not None:
         env["HYBRIDFL_TEST_TOKEN"] = token
@@ -148,7 +158,7 @@ def publish_many(registry: object, count: int, spec: dict | None = None, start: 
 
 
 def blob_bytes(run_dir: Path, sha256: str) -> bytes:
-    return (run_dir / "registry" / "blobs" / f"{sha256}.safetensors").read_bytes()
+    return (run_dir / REGISTRY_DIR / "blobs" / f"{sha256}.safetensors").read_bytes()
 
 
 def _publish_until(root: str, stage: str, conn: multiprocessing.connection.Connection) -> None:

@@ -16,7 +16,7 @@ from common.rundir import METRICS_FILE, PARTITION_FILE, SUMMARY_FILE, prepare_ru
 from server.loop import ServerLoop
 from server.summary import summarize
 from simulation.cli import cli
-from simulation.compare import CURVES_PNG, GAIN_PNG, REPORT_MD, load_runs, markdown, run_row
+from simulation.report import CURVES_PNG, GAIN_PNG, REPORT_MD, load_runs, markdown, run_row
 from tests.inprocess_grid import InProcessGrid
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from client.fetch import FetchError, FetchResult, fetch_model, load_fetched_model
+from common.rundir import REGISTRY_DIR
 from common.weights import model_to_arrays
 from server.registry import Registry
 from tests.serving_fixtures import (
@@ -42,7 +43,7 @@ def server_factory() -> Iterator[StartServer]:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """v0: small model; v1 (serving): ~4.5 MB, so a transfer can be cut midway."""
     run_dir = tmp_path_factory.mktemp("fetch") / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 1)
     registry.publish(model_arrays(1, BIG_SPEC), round=1, model=BIG_SPEC)
     server = start_model_server_process(run_dir)
@@ -136,12 +137,39 @@ def test_damaged_cache_file_is_fetched_again(served: ServerProcess, tmp_path: Pa
         load_fetched_model(again)
 
 
+def test_no_lock_files_stay_in_the_cache(served: ServerProcess, tmp_path: Path) -> None:
+    """Concurrent fetches of one version serialise on a lock file that is then removed."""
+    cache = tmp_path / "cache"
+    results: list[FetchResult] = []
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            results.append(fetch_model(served.url, version=0, cache_dir=cache))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(results) == 4
+    assert sum(r.downloaded for r in results) >= 1
+    assert len({r.sha256 for r in results}) == 1
+    fetch_model(served.url, version=0, cache_dir=cache)  # a current cache: nothing fetched
+    assert sorted(p.name for p in cache.iterdir()) == [f"{results[0].sha256}.safetensors"]
+
+
 def test_clear_errors(served: ServerProcess, tmp_path: Path) -> None:
     with pytest.raises(FetchError, match=r"version 99 not found"):
         fetch_model(served.url, version=99, cache_dir=tmp_path)
-    with pytest.raises(FetchError, match="not valid"):
-        fetch_model(served.url, alias="stable", cache_dir=tmp_path)
-    with pytest.raises(FetchError, match="invalid alias"):
+    with pytest.raises(FetchError) as unknown:
+        fetch_model(served.url, alias="nope", cache_dir=tmp_path)
+    message = str(unknown.value)  # a sentence naming the valid aliases, not pydantic JSON
+    assert "unknown alias 'nope'" in message and "'latest' and 'serving'" in message
+    assert "{" not in message
+    with pytest.raises(FetchError, match="unknown alias"):
         fetch_model(served.url, alias="../versions/1", cache_dir=tmp_path)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -156,7 +184,7 @@ def test_server_side_corruption_and_new_versions(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     server = server_factory(run_dir)
     with pytest.raises(FetchError, match="not set"):
         fetch_model(server.url, cache_dir=tmp_path / "c")
@@ -168,9 +196,11 @@ def test_server_side_corruption_and_new_versions(
     second = fetch_model(server.url, cache_dir=tmp_path / "c")
     assert second.downloaded and second.sha256 == newer.sha256 and first.path.exists()
     blob = registry.blob_path(0)
+    size = blob.stat().st_size
     blob.write_bytes(blob.read_bytes()[:100])
-    with pytest.raises(FetchError, match="refuses to serve version 0"):
+    with pytest.raises(FetchError, match="refuses to serve version 0") as refused:
         fetch_model(server.url, version=0, cache_dir=tmp_path / "c")
+    assert f"truncated: 100 bytes, the manifest says {size}" in str(refused.value)
 
 
 # -------------------------------------------------------------- a lying server
@@ -205,7 +235,7 @@ class _LyingHandler(BaseHTTPRequestHandler):
 
 
 def test_refuses_bytes_that_do_not_match_the_manifest(tmp_path: Path) -> None:
-    registry = Registry(tmp_path / "run" / "registry")
+    registry = Registry(tmp_path / "run" / REGISTRY_DIR)
     (manifest,) = publish_many(registry, 1)
     good = registry.blob_path(0).read_bytes()
     bad = bytearray(good)

@@ -18,6 +18,7 @@ from hypothesis.errors import Unsatisfiable  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import negative_data_rejection  # noqa: E402
 
+from common.rundir import METRICS_FILE, REGISTRY_DIR  # noqa: E402
 from server.registry import Registry  # noqa: E402
 from tests.serving_fixtures import TOKEN, ServerProcess, publish_many, start_model_server_process  # noqa: E402
 
@@ -25,8 +26,8 @@ from tests.serving_fixtures import TOKEN, ServerProcess, publish_many, start_mod
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     run_dir = tmp_path_factory.mktemp("fuzz") / "run"
-    publish_many(Registry(run_dir / "registry"), 3)
-    (run_dir / "metrics.jsonl").write_text('{"round": 0, "accuracy": 0.5}\n')
+    publish_many(Registry(run_dir / REGISTRY_DIR), 3)
+    (run_dir / METRICS_FILE).write_text('{"round": 0, "accuracy": 0.5}\n')
     server = start_model_server_process(run_dir, token=TOKEN)
     yield server
     server.stop()

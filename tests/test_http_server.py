@@ -11,7 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from common.rundir import METRICS_FILE, REGISTRY_DIR
 from server.registry import Registry
 from tests.serving_fixtures import (
     SPEC,
@@ -39,10 +41,10 @@ def server_factory() -> Iterator[StartServer]:
 def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A read-mostly server over 3 versions and a metrics log with a torn last line."""
     run_dir = tmp_path_factory.mktemp("shared") / "run"
-    publish_many(Registry(run_dir / "registry"), 3)
+    publish_many(Registry(run_dir / REGISTRY_DIR), 3)
     lines = [json.dumps({"round": r, "accuracy": 0.5 + r / 10}) for r in range(3)]
     lines.append(json.dumps({"round": 3, "loss": float("nan")}))
-    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + '\n{"round": 4, "acc')
+    (run_dir / METRICS_FILE).write_text("\n".join(lines) + '\n{"round": 4, "acc')
     server = start_model_server_process(run_dir, token=TOKEN)
     yield server
     server.stop()
@@ -171,14 +173,24 @@ def test_health_ready_metrics_docs(client: httpx.Client) -> None:
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["serving_version"] == 2
     client.get(f"{API}/versions/0/weights", headers={"If-None-Match": "*"})
-    text = client.get("/metrics").text
+    response = client.get("/metrics")
+    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    text = response.text
     assert "# TYPE hybridfl_http_requests_total counter" in text
-    assert (
-        'hybridfl_http_requests_total{method="GET",route="/v1/models/global/versions/'
-        '{version}/weights",status="304"}' in text
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    route = "/v1/models/global/versions/{version}/weights"
+    key = (
+        "hybridfl_http_requests_total",
+        (("method", "GET"), ("route", route), ("status", "304")),
     )
-    assert "hybridfl_serving_version 2" in text and "hybridfl_serving_round 2" in text
-    assert "hybridfl_http_response_body_bytes_total" in text
+    assert values[key] >= 1
+    assert values[("hybridfl_serving_version", ())] == 2
+    assert values[("hybridfl_serving_round", ())] == 2
+    assert values[("hybridfl_http_response_body_bytes_total", ())] > 0
     assert client.get("/docs").status_code == 200
     spec = client.get("/openapi.json").json()
     assert f"{API}/versions/{{version}}/weights" in spec["paths"]
@@ -222,7 +234,7 @@ def test_write_api_auth(client: httpx.Client) -> None:
 
 def test_writes_disabled_without_token(tmp_path: Path, server_factory: StartServer) -> None:
     run_dir = tmp_path / "run"
-    publish_many(Registry(run_dir / "registry"), 1)
+    publish_many(Registry(run_dir / REGISTRY_DIR), 1)
     server = server_factory(run_dir)
     r = httpx.put(f"{server.url}{API}/aliases/serving", json={"version": 0}, headers=auth())
     assert r.status_code == 403 and "HYBRIDFL_TOKEN" in r.json()["detail"]
@@ -232,7 +244,7 @@ def test_rollback_moves_serving_etag_and_readiness(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     manifests = publish_many(registry, 3)
     server = server_factory(run_dir, token=TOKEN)
     c = httpx.Client(base_url=server.url, timeout=10, follow_redirects=True)
@@ -257,7 +269,7 @@ def test_rollback_moves_serving_etag_and_readiness(
     assert rolled.status_code == 200 and rolled.json()["pinned"] is True
     assert served_etag() == f'"{manifests[1].sha256}"'
     assert c.get("/readyz").status_code == 200
-    assert "hybridfl_serving_version 1" in c.get("/metrics").text
+    assert "hybridfl_serving_version 1.0" in c.get("/metrics").text
 
     # A pin survives a publish and a restart of the server (it is a file).
     publish_many(registry, 1, start=3)
@@ -277,7 +289,7 @@ def test_corruption_is_detected_even_after_verification(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 2)
     server = server_factory(run_dir)
     c = httpx.Client(base_url=server.url, timeout=10)
@@ -297,7 +309,7 @@ def test_publish_during_reads_serves_whole_versions(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     publish_many(registry, 1)
     server = server_factory(run_dir)
     published: dict[str, int] = {registry.get(0).sha256: 0}
@@ -340,7 +352,7 @@ def test_publish_killed_midway_serves_nothing_partial(
     tmp_path: Path, server_factory: StartServer
 ) -> None:
     run_dir = tmp_path / "run"
-    registry = Registry(run_dir / "registry")
+    registry = Registry(run_dir / REGISTRY_DIR)
     before = publish_many(registry, 2)
     server = server_factory(run_dir)
     c = httpx.Client(base_url=server.url, timeout=10)

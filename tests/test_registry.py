@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 
 import server.registry as registry_module
+from common.rundir import REGISTRY_DIR
 from server.registry import NotVerified, Registry, VersionNotFound
 from tests.serving_fixtures import SPEC, model_arrays, publish_and_kill, publish_many
 
 
 @pytest.fixture
 def registry(tmp_path: Path) -> Registry:
-    return Registry(tmp_path / "run" / "registry")
+    return Registry(tmp_path / "run" / REGISTRY_DIR)
 
 
 def test_publish_writes_manifest_blob_and_aliases(registry: Registry) -> None:
@@ -150,3 +151,51 @@ def test_publish_killed_midway_leaves_previous_versions(registry: Registry, stag
         p for d in ("blobs", "versions", "aliases") for p in (reader.root / d).glob(".tmp-*")
     ]
     assert reader.resolve_alias("serving") == 2 and reader.verify(2)
+
+
+# ------------------------------------------------------------ manifest schema
+BN_CNN = {"name": "cnn", "input_shape": [1, 28, 28], "num_classes": 10, "batch_norm": True}
+
+
+def test_one_manifest_schema_counts_parameters_and_values(registry: Registry) -> None:
+    """The registry and final_model.json share one definition: trainable parameters
+    (``num_parameters``) and every array element, buffers included (``num_values``)."""
+    from common.manifest import ModelManifest, model_manifest
+    from common.models import ModelSpec, build_model, count_parameters
+    from common.weights import sha256_hex, to_safetensors
+
+    model = build_model(ModelSpec.model_validate(BN_CNN), seed=0)
+    arrays = model_arrays(0, BN_CNN)
+    published = registry.publish(arrays, round=4, model=BN_CNN, metrics={"acc": 0.5})
+    assert published.num_parameters == count_parameters(model)
+    assert published.num_values == sum(a.size for a in arrays.values())
+    assert published.num_values > published.num_parameters  # batch-norm running stats
+    assert published.parameter_count == published.num_values  # older clients' field
+
+    blob = to_safetensors(arrays)
+    final = model_manifest(
+        arrays,
+        BN_CNN,
+        round=4,
+        sha256=sha256_hex(blob),
+        size=len(blob),
+        metrics={"acc": 0.5, "devices": {"p50": 0.4}, "loss": float("nan"), "ok": True},
+    )
+    assert final.metrics == {"acc": 0.5}  # finite top-level numbers, as the registry keeps
+    same = {k: getattr(published, k) for k in ModelManifest.model_fields}
+    assert final.model_dump() == same
+    assert (
+        final.to_json()
+        == model_manifest(
+            arrays, BN_CNN, round=4, sha256=final.sha256, size=final.size, metrics={"acc": 0.5}
+        ).to_json()
+    )  # deterministic: same-seed reruns write the same final_model.json
+
+
+def test_manifests_written_before_the_two_counts_still_read(registry: Registry) -> None:
+    (m,) = publish_many(registry, 1)
+    legacy = json.loads(m.model_dump_json())
+    del legacy["num_parameters"], legacy["num_values"]
+    (registry.root / "versions" / "0.json").write_text(json.dumps(legacy))
+    old = Registry(registry.root).get(0)
+    assert (old.num_parameters, old.num_values) == (m.num_parameters, m.num_values)
