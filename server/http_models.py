@@ -476,30 +476,28 @@ class WeightsRoute(APIRoute):
         await self._serve(scope, receive, send)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.respond(scope, scope["app"].state.settings)
+        raw = scope["path_params"]["version"]
+        response = await self.respond(scope, raw, scope["app"].state.settings)
         await response(scope, receive, send)
 
     @staticmethod
-    async def respond(scope: Scope, settings: Settings) -> Response:
-        """The answer to a request this route matched."""
-        raw = scope["path_params"]["version"]
+    async def respond(scope: Scope, raw: str, settings: Settings) -> Response:
+        """The answer to a request this route matched (``raw``: the version segment)."""
         version = parse_canonical(raw)
         if version is None:
             return _version_422(raw)
         return await weights_response(settings, version, scope["method"], Headers(scope=scope))
 
-    def claim(self, scope: Scope) -> bool:
-        """Full match of this route (method and path, by the route's own regex);
-        fills the scope as the router would."""
+    def claim(self, scope: Scope) -> str | None:
+        """The version segment when this route matches fully (method and path, by
+        the route's own regex), else None; marks the scope as the router would."""
         if scope["method"] not in self.methods:
-            return False
+            return None
         match = self.path_regex.match(get_route_path(scope))
         if match is None:
-            return False
-        scope["path_params"] = match.groupdict()
-        scope["endpoint"] = self.endpoint
+            return None
         scope["route"] = self
-        return True
+        return match["version"]
 
 
 class HotRoutes:
@@ -522,8 +520,9 @@ class HotRoutes:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             for route in self.routes:
-                if route.claim(scope):
-                    response = await route.respond(scope, self.settings)
+                raw = route.claim(scope)
+                if raw is not None:
+                    response = await route.respond(scope, raw, self.settings)
                     await response(scope, receive, send)
                     return
         await self.app(scope, receive, send)

@@ -133,6 +133,7 @@ def superlink_cmd(
     from simulation.deploy import register_key, superlink_command
     from simulation.flwr_cli import RunnerError, flwr_env, wait_superlink, write_connection
     from simulation.procs import Processes
+    from simulation.runner import SUPERLINK_LOG
 
     files = _certs(certs, insecure, "the SuperLink")
     assert files is None or isinstance(files, CertFiles)
@@ -141,7 +142,7 @@ def superlink_cmd(
     env = flwr_env(home)
     procs = Processes()
     signals_as_interrupt()
-    log = home / "superlink.log"
+    log = home / SUPERLINK_LOG
     try:
         proc = procs.start(superlink_command(port, host, files), env, log, plain=True)
         wait_superlink(port, proc, log, files.ca_cert if files else None)

@@ -26,6 +26,7 @@ from common.atomic import atomic_write_text
 from common.rows import RoundRow, read_rows
 from common.rundir import CONFIG_FILE, DEVICES_FILE, METRICS_FILE, read_jsonl
 from server.summary import summarize
+from simulation.cli_common import fail
 
 CURVES_PNG = "report_accuracy.png"
 GAIN_PNG = "report_gain.png"
@@ -338,8 +339,7 @@ def report(
     try:
         runs = load_runs(run_dirs)
     except ReportError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        fail(str(err))
     target = out if out is not None else run_dirs[0]
     target.mkdir(parents=True, exist_ok=True)
     text = markdown([run_row(r) for r in runs])

@@ -37,6 +37,18 @@ LONG = [
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
+def _start_simulate(out: Path, cwd: Path) -> subprocess.Popen[str]:
+    """``hybridfl simulate`` piped, in a session of its own (like a terminal's job)."""
+    return subprocess.Popen(
+        [*HYBRIDFL, "simulate", "--out", str(out), *LONG],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        start_new_session=True,
+    )
+
+
 def _lines_until_round(proc: subprocess.Popen[str], timeout_s: float) -> list[str]:
     """Lines read from the pipe while the CLI runs, up to the first round line."""
     lines: list[str] = []
@@ -61,14 +73,7 @@ def test_local_simulation_listens_on_loopback_and_dies_with_the_cli(tmp_path: Pa
     for app in ("hybridfl", "hybridfl-superlink"):
         (tmp_path / app).mkdir()
         (tmp_path / app / "pyproject.toml").write_text('[project]\nname = "x"\n')
-    proc = subprocess.Popen(
-        [*HYBRIDFL, "simulate", "--out", str(out), *LONG],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=tmp_path,
-        start_new_session=True,  # like a terminal's job: not pytest's process group
-    )
+    proc = _start_simulate(out, tmp_path)
     try:
         lines = _lines_until_round(proc, 240)
         assert lines[0].startswith("run folder:"), lines
@@ -105,13 +110,7 @@ def test_local_simulation_listens_on_loopback_and_dies_with_the_cli(tmp_path: Pa
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 def test_term_and_hup_stop_simulate_like_ctrl_c(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*HYBRIDFL, "simulate", "--out", str(out), *LONG],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = _start_simulate(out, tmp_path)
     try:
         lines = _lines_until_round(proc, 240)
         proc.send_signal(sig)
