@@ -42,6 +42,8 @@ _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 
 _watchdog_lock = threading.Lock()
 _watchdog_pipe: int | None = None
+_watchdog: subprocess.Popen[bytes] | None = None
+"""Kept so the Popen object is never collected while the watchdog runs."""
 
 
 def _load_prctl() -> Callable[..., int] | None:
@@ -71,13 +73,13 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 
 def ensure_watchdog() -> None:
     """Start this process's watchdog once (Linux; a no-op elsewhere)."""
-    global _watchdog_pipe
+    global _watchdog_pipe, _watchdog
     with _watchdog_lock:
         if _watchdog_pipe is not None or not Path("/proc").is_dir():
             return
         r, w = os.pipe()  # both ends close-on-exec: no other child inherits them
         try:
-            subprocess.Popen(
+            _watchdog = subprocess.Popen(
                 [sys.executable, "-I", str(Path(__file__).with_name("watchdog.py")), str(r),
                  OWNER_TOKEN],
                 pass_fds=(r,),
