@@ -78,6 +78,7 @@ def simulate(
     port: Annotated[int, port_option("Model server port, 1-65535 (0: a free one).")] = 0,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
+    from common.rows import RoundRow, TimingRow
     from simulation.progress import done_line, plot_accuracy, progress_line
     from simulation.runner import RunnerError
     from simulation.runner import simulate as run_sim
@@ -103,7 +104,7 @@ def simulate(
         f"{cfg.client.algorithm}, {cfg.rounds} rounds"
     )
 
-    def on_round(row: dict[str, object], timing: dict[str, object]) -> None:
+    def on_round(row: RoundRow, timing: TimingRow | None) -> None:
         echo(progress_line(row, timing, cfg.rounds))
 
     signals_as_interrupt()
