@@ -94,11 +94,12 @@ class AggregationError(RuntimeError):
     """The strategy cannot be used as configured, or produced no usable model."""
 
 
-class _OneNodeGrid(Grid):
-    """What ``configure_train`` needs of a grid: one node to 'sample'."""
+class StandInGrid(Grid):
+    """A Grid that is not connected to a SuperLink: every method refuses, so a subclass
+    states exactly what it stands in for (and a strategy calling anything else fails)."""
 
-    def get_node_ids(self) -> Iterable[int]:
-        return [1]
+    def get_node_ids(self) -> Iterable[int]:  # pragma: no cover
+        raise NotImplementedError
 
     def set_run(self, run: object) -> None:  # pragma: no cover
         raise NotImplementedError
@@ -120,6 +121,13 @@ class _OneNodeGrid(Grid):
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         raise NotImplementedError
+
+
+class _OneNodeGrid(StandInGrid):
+    """What ``configure_train`` needs of a grid: one node to 'sample'."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return [1]
 
 
 def strategy_spec(name: str) -> StrategySpec:

@@ -13,15 +13,15 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from server.aggregation import StandInGrid
 
 Tamper = Callable[[int, Message, Message], Message | None]
 
 
-class InProcessGrid(Grid):
+class InProcessGrid(StandInGrid):
     """``num_nodes`` simulation slots (``partition-id``), or, with ``devices=True``, one
     real device per node (``device-id``), as a deployment's SuperNodes are."""
 
@@ -41,16 +41,6 @@ class InProcessGrid(Grid):
         self.replies: list[Message] = []
         self._ready: dict[str, Message] = {}
         _identity()
-
-    def set_run(self, run: object) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    @property
-    def run(self) -> object:  # pragma: no cover
-        raise NotImplementedError
-
-    def create_message(self, *args: object, **kwargs: object) -> Message:  # pragma: no cover
-        raise NotImplementedError
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.nodes)
