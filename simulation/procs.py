@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 OWNER_VAR = "HYBRIDFL_OWNER"
 """Environment marker of every process this command started (and of theirs)."""
@@ -96,6 +96,24 @@ def ensure_watchdog() -> None:
 def owned_env(env: dict[str, str] | None) -> dict[str, str]:
     """``env`` (default: ours) with this command's owner marker."""
     return {**(os.environ if env is None else env), OWNER_VAR: OWNER_TOKEN}
+
+
+def guarded(env: dict[str, str] | None) -> dict[str, Any]:
+    """``subprocess.Popen`` keyword arguments for a child that must not outlive us.
+
+    The child gets our owner marker in ``env``, a session of its own and, when
+    started from the main thread, SIGTERM on our death (``PR_SET_PDEATHSIG`` fires
+    when the *thread* that started the child ends, so other threads rely on the
+    watchdog alone); the watchdog is started if it is not yet running. For test
+    helpers and anything else that starts a process without ``Processes``.
+    """
+    ensure_watchdog()
+    kwargs: dict[str, Any] = {"env": owned_env(env)}
+    if threading.current_thread() is threading.main_thread():
+        kwargs["preexec_fn"] = _die_with_parent(os.getpid())
+    else:
+        kwargs["start_new_session"] = True
+    return kwargs
 
 
 def _copy_plain(src: IO[bytes], log: Path) -> None:
@@ -172,15 +190,11 @@ class Processes:
         get SIGTERM when we die (``PR_SET_PDEATHSIG`` fires when the *thread* that
         started the child ends, so other threads rely on the watchdog alone).
         """
-        ensure_watchdog()
         log.parent.mkdir(parents=True, exist_ok=True)
-        main = threading.current_thread() is threading.main_thread()
-        kwargs: dict[str, object] = (
-            {"preexec_fn": _die_with_parent(os.getpid())} if main else {"start_new_session": True}
-        )
+        kwargs = guarded(env)
         if plain:
             p = subprocess.Popen(
-                cmd, env=owned_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=cwd, **kwargs,  # type: ignore[call-overload]
             )  # fmt: skip
             assert p.stdout is not None
@@ -190,7 +204,7 @@ class Processes:
         else:
             with log.open("ab") as out:
                 p = subprocess.Popen(
-                    cmd, env=owned_env(env), stdout=out, stderr=subprocess.STDOUT,
+                    cmd, stdout=out, stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL, cwd=cwd, **kwargs,  # type: ignore[call-overload]
                 )  # fmt: skip
         self.procs.append(p)
