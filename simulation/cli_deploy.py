@@ -255,7 +255,7 @@ def run_cmd(
     from common.rundir import FLWR_HOME_DIR, LOG_DIR
     from simulation.certs import CertFiles
     from simulation.deploy import submit_deployment
-    from simulation.flwr_cli import RunnerError, flwr_env, write_connection
+    from simulation.flwr_cli import CONNECTION, RunnerError, flwr_env, write_connection
     from simulation.progress import progress_line
     from simulation.runner import SUBMIT_LOG, failure_of, follow_run
 
@@ -281,7 +281,11 @@ def run_cmd(
     except RunnerError as err:
         fail(str(err), code=1)
     except KeyboardInterrupt as err:
-        exit_interrupted(err, "the run goes on in the SuperLink: `flwr stop` ends it")
+        exit_interrupted(
+            err,
+            f"the run goes on in the SuperLink; to end it: FLWR_HOME={home} flwr stop "
+            f"RUN_ID {CONNECTION}",
+        )
     if status != "finished:completed":
         fail(f"run {run_id} ended with status '{status}': {failure_of(run_dir)}", code=1)
     typer.secho(f"run {run_id} completed; results in {run_dir}", fg=typer.colors.GREEN)
