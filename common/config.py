@@ -99,6 +99,9 @@ class StrategyConfig(_Section):
 
     name: StrategyName = "fedavg"
     fraction_train: float = Field(0.5, gt=0.0, le=1.0)
+    devices_per_round: int = Field(0, ge=0)
+    """Cross-device cohort size K: exactly K devices per round whatever the population
+    (0 = ``fraction_train`` of the training pool)."""
     min_train_devices: int = Field(1, ge=1)
     server_lr: float = Field(0.01, gt=0.0)
     """FedAdam/FedYogi/FedAdagrad: server learning rate (eta); FedAvgM: server lr."""
@@ -285,6 +288,19 @@ class ExperimentConfig(_Section):
                 "lower it or add devices"
             )
         held = self.evaluation.num_holdout(self.partition.num_devices)
+        k = self.strategy.devices_per_round
+        if k and k < self.strategy.min_train_devices:
+            raise ValueError(
+                f"strategy.devices_per_round ({k}) is below strategy.min_train_devices "
+                f"({self.strategy.min_train_devices}): every round would fail; raise the "
+                "first or lower the second"
+            )
+        if k > self.partition.num_devices - held:
+            raise ValueError(
+                f"strategy.devices_per_round ({k}) is more than the "
+                f"{self.partition.num_devices - held} devices that may train "
+                "(partition.num_devices minus held-out ones): lower it or add devices"
+            )
         if self.partition.num_devices - held < self.strategy.min_train_devices:
             raise ValueError(
                 f"evaluation.holdout_fraction ({self.evaluation.holdout_fraction}) holds out "

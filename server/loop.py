@@ -98,8 +98,9 @@ class ServerLoop:
         if not self.simulated:
             in_flight = max(in_flight, cfg.partition.num_devices)  # one message per device
         self.dispatcher = Dispatcher(grid, cfg.strategy.round_timeout_s, in_flight)
+        s = cfg.strategy
         self.selection = UniformSelection(
-            cfg.seed, cfg.strategy.fraction_train, cfg.strategy.min_train_devices
+            cfg.seed, s.fraction_train, s.min_train_devices, s.devices_per_round
         )
         self.aggregator = Aggregator(cfg)
         self.evaluator = Evaluator(

@@ -22,11 +22,15 @@ class Selection(Protocol):
 
 @dataclass(frozen=True)
 class UniformSelection:
-    """A seeded uniform sample of ``fraction`` of the pool (at least ``minimum``)."""
+    """A seeded uniform sample of ``fraction`` of the pool (at least ``minimum``), or of
+    exactly ``count`` devices when ``count`` > 0 (a cross-device cohort size)."""
 
     seed: int
     fraction: float
     minimum: int
+    count: int = 0
 
     def select(self, round_: int, pool: np.ndarray) -> list[int]:
+        if self.count > 0:
+            return sample_devices(self.seed, round_, pool, 0.0, min(self.count, pool.size))
         return sample_devices(self.seed, round_, pool, self.fraction, self.minimum)

@@ -334,3 +334,17 @@ def test_repeated_failures_stop_the_run_with_the_cause(tmp_path: Path) -> None:
 
     with pytest.raises(RunFailed, match=r"3 of 4 selected devices failed.*max_failed_fraction"):
         ServerLoop(InProcessGrid(tmp_path, 2, crash), cfg, tmp_path, src).run()
+
+
+def test_devices_per_round_is_exact_and_checked() -> None:
+    from server.selection import UniformSelection
+
+    pool = np.arange(1_000_000, dtype=np.int64)
+    sel = UniformSelection(seed=3, fraction=0.5, minimum=1, count=100)
+    a = sel.select(1, pool)
+    assert len(a) == 100 == len(set(a)) and a == sorted(a) and a == sel.select(1, pool)
+    assert a != sel.select(2, pool)
+    with pytest.raises(ConfigError, match=r"strategy\.devices_per_round \(5\) is below"):
+        load_config(None, ["strategy.devices_per_round=5", "strategy.min_train_devices=6"])
+    with pytest.raises(ConfigError, match=r"strategy\.devices_per_round \(30\) is more than"):
+        load_config(None, ["strategy.devices_per_round=30"])
