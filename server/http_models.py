@@ -91,8 +91,9 @@ def _canonical_version(value: Any) -> Any:
 
 VersionParam = Annotated[
     int,
-    BeforeValidator(_canonical_version),
+    # PathParam first: after the validator its bounds would not reach the OpenAPI schema.
     PathParam(ge=0, le=MAX_VERSION, description="Version number (0 = initial model)."),
+    BeforeValidator(_canonical_version),
 ]
 
 router = APIRouter(prefix=PREFIX, tags=["models"])
@@ -167,7 +168,16 @@ class AliasUpdate(BaseModel):
     ``{"version": false}`` or ``"1"`` must not silently become version 0 or 1.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        # The rule _version_when_pinned checks, stated for clients and fuzzers.
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["version"], "properties": {"version": {"type": "integer"}}},
+                {"required": ["pinned"], "properties": {"pinned": {"const": False}}},
+            ]
+        },
+    )
 
     version: Annotated[int | None, BeforeValidator(_json_integer)] = Field(
         default=None,
@@ -194,6 +204,12 @@ class AliasUpdate(BaseModel):
 
 class ErrorBody(BaseModel):
     detail: str
+
+
+class ParameterErrors(BaseModel):
+    """FastAPI's 422 body: one entry per invalid parameter."""
+
+    detail: list[dict[str, Any]]
 
 
 _ERR = {"model": ErrorBody}
@@ -939,6 +955,11 @@ _PREDICT_DOC: dict[str, Any] = {
         404: _ERR,
         413: _ERR,
         415: _ERR,
+        422: {
+            # FastAPI's list for bad path/query parameters; one sentence for bad inputs.
+            "model": ParameterErrors | ErrorBody,
+            "description": "Invalid parameters, or inputs that do not fit the model",
+        },
         503: {"model": ErrorBody, "description": "Version not servable (the reason)"},
     },
     "openapi_extra": {

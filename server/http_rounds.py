@@ -82,7 +82,7 @@ def _canonical_round(value: Any) -> Any:
     return value
 
 
-RoundParam = Annotated[int, BeforeValidator(_canonical_round), PathParam(ge=0, le=MAX_VERSION)]
+RoundParam = Annotated[int, PathParam(ge=0, le=MAX_VERSION), BeforeValidator(_canonical_round)]
 
 
 def run_finished(run_dir: Path) -> bool:
