@@ -21,6 +21,7 @@ from common.data import (
     partition_stats,
     save_partition,
 )
+from common.seeding import numpy_rng
 
 CONFIG_FILE = "config.toml"
 PARTITION_FILE = "partition.npz"
@@ -71,7 +72,13 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
 
 def synthetic_stats(cfg: ExperimentConfig) -> dict[str, object]:
     """Population summary of a synthetic run (no per-device list: it may be millions)."""
-    sizes = open_source(cfg, None).train_sizes()
+    source = open_source(cfg, None)
+    sizes = source.train_sizes()
+    # Label variety from a seeded sample of devices (all of them would cost O(population)).
+    probe = numpy_rng(cfg.seed, "eval-sample", 0, 1).choice(
+        sizes.size, size=min(100, sizes.size), replace=False
+    )
+    classes = [np.unique(source.device(int(d))[1]).size for d in probe]
     return {
         "method": "synthetic",
         "summary": {
@@ -80,7 +87,8 @@ def synthetic_stats(cfg: ExperimentConfig) -> dict[str, object]:
             "median_train": float(np.median(sizes)),
             "max_train": int(sizes.max()),
             "total_train": int(sizes.sum()),
-            "mean_classes_per_device": 0.0,
+            "mean_classes_per_device": float(np.mean(classes)),
+            "classes_measured_on_devices": int(probe.size),
         },
     }
 
