@@ -37,7 +37,7 @@ from common.rundir import (
 from common.weights import Arrays, sha256_hex, to_safetensors
 from server.loop import ServerLoop
 from server.registry import Registry
-from server.summary import summarize
+from server.summary import personalization_verdict, summarize
 
 log = logging.getLogger("hybridfl.server")
 app = ServerApp()
@@ -119,6 +119,9 @@ def main(grid: Grid, context: Context) -> None:
         digest = save_final_model(loop, run_dir)
         summary = summarize(read_rows(run_dir / METRICS_FILE))
         summary.update({"model_sha256": digest, "server_wall_s": time.perf_counter() - t0})
+        verdict = personalization_verdict(loop.last_device_rows)
+        if verdict is not None:
+            summary["personalization"] = verdict
         atomic_write_text(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     except Exception as err:
         failure = {

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from common.rows import DeviceSummary, Distribution, HoldoutSummary, RoundRow
+from server.device_summary import DeviceRow
 
 LAST_LABEL = "last evaluated round (quote this one)"
 BEST_NOTE = "best round by {} over all evaluations: a test-set maximum, which flatters"
@@ -52,6 +53,38 @@ def _best(
         return None
     _, _, row = max(scored, key=lambda t: (t[0], t[1]))
     return _headline(row, BEST_NOTE.format(name))
+
+
+def personalization_verdict(devices: Sequence[DeviceRow]) -> dict[str, Any] | None:
+    """What personalization did for the training devices of the last evaluation, in
+    counts a newcomer reads at once (and one plain sentence saying it)."""
+    rows = [d for d in devices if d.role == "train" and d.gain is not None]
+    if not rows:
+        return None
+    helped = [d for d in rows if (d.gain or 0.0) > 0]
+    hurt = [d for d in rows if (d.gain or 0.0) < 0]
+    n = [float(d.num_test) for d in rows]
+    served = sum(d.global_acc * w for d, w in zip(rows, n, strict=True)) / sum(n)
+    mean_gain = 100 * sum(d.gain or 0.0 for d in rows) / len(rows)
+    trained = sum(d.personalized for d in rows)
+    sentence = (
+        f"personalization helped {len(helped)} of {len(rows)} devices "
+        f"({mean_gain:+.1f} points on average), hurt {len(hurt)}; "
+        f"the served model alone gives {100 * served:.1f}%"
+    )
+    if trained < len(rows):
+        sentence += (
+            f" ({len(rows) - trained} of the devices never trained: theirs is the served model)"
+        )
+    return {
+        "devices": len(rows),
+        "helped": len(helped),
+        "hurt": len(hurt),
+        "mean_gain_points": mean_gain,
+        "served_acc": served,
+        "never_trained": len(rows) - trained,
+        "sentence": sentence,
+    }
 
 
 def summarize(rows: Sequence[RoundRow]) -> dict[str, Any]:

@@ -348,3 +348,19 @@ def test_devices_per_round_is_exact_and_checked() -> None:
         load_config(None, ["strategy.devices_per_round=5", "strategy.min_train_devices=6"])
     with pytest.raises(ConfigError, match=r"strategy\.devices_per_round \(30\) is more than"):
         load_config(None, ["strategy.devices_per_round=30"])
+
+
+def test_personalization_verdict_counts_devices(tmp_path: Path) -> None:
+    from server.summary import personalization_verdict
+
+    cfg, src = _setup(tmp_path, "partition.num_devices=8", "evaluation.holdout_fraction=0.25")
+    loop = ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src)
+    loop.run()
+    rows = [r for r in loop.last_device_rows if r.role == "train"]
+    v = personalization_verdict(loop.last_device_rows)
+    assert v is not None and v["devices"] == len(rows) == 6
+    assert v["helped"] == sum((r.gain or 0) > 0 for r in rows)
+    assert v["hurt"] == sum((r.gain or 0) < 0 for r in rows)
+    assert v["mean_gain_points"] == pytest.approx(100 * np.mean([r.gain for r in rows]))
+    assert f"helped {v['helped']} of 6 devices" in v["sentence"]
+    assert personalization_verdict([]) is None
