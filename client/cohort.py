@@ -49,7 +49,8 @@ def train_device(
     t0 = time.perf_counter()
     data = device_data(env, device)
     store = device_store(env)
-    state = store.load(device)
+    algo = get_algorithm(task.algorithm)
+    state = store.load(device) if algo.spec.trains_from_state else store.load_meta(device)
     if state is not None and int(state.meta.get("last_round", -1)) >= task.round:
         # A message the server already gave up on (e.g. delivered after a restart):
         # training on it would overwrite newer personal state.
@@ -63,7 +64,6 @@ def train_device(
         if state is None
         else {}
     )
-    algo = get_algorithm(task.algorithm)
     gen = torch_generator(task.seed, "train", task.round, device)
     update = algo.client_update(model_for(task.model_spec), global_arrays, state, data, task, gen)
     update.state.meta["last_round"] = task.round

@@ -60,6 +60,27 @@ class PersonalStateStore:
             raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
         return PersonalState(arrays=arrays, meta=meta)
 
+    def load_meta(self, device_id: int) -> PersonalState | None:
+        """The state's metadata only (its arrays left on disk), or None for a new device.
+
+        Reads the safetensors header, not the weights: for algorithms that train from
+        the global model alone, reading a whole stored model per device was wasted I/O.
+        """
+        p = self.path(device_id)
+        try:
+            with p.open("rb") as f:
+                head = f.read(8)
+                header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
+                if not 0 < header_len < 100_000_000:
+                    raise ValueError(f"implausible header length {header_len}")
+                header = json.loads(f.read(header_len))
+            meta = json.loads(dict(header.get("__metadata__", {})).get(_META_KEY, "{}"))
+        except FileNotFoundError:
+            return None
+        except (ValueError, UnicodeDecodeError) as err:
+            raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
+        return PersonalState(arrays={}, meta=meta)
+
     def save(self, device_id: int, state: PersonalState, *, durable: bool = True) -> None:
         """Write atomically (temp file, rename); ``durable`` adds the fsyncs."""
         blob = to_safetensors(state.arrays, metadata={_META_KEY: json.dumps(state.meta)})

@@ -46,13 +46,16 @@ class AlgorithmSpec:
     """Whether local training adds FedProx's (mu/2)||w - w_global||^2 (``client.proximal_mu``)."""
     needs_head: bool = False
     """Keeps the head personal, so a model that is all head (logistic) shares nothing."""
+    trains_from_state: bool = True
+    """Local training reads the device's stored arrays (False: it starts from the global
+    model alone, so a worker reads only the state's small metadata before training)."""
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
     s.name: s
     for s in (
-        AlgorithmSpec("fedavg", keep_nothing),
-        AlgorithmSpec("fedprox", keep_nothing, proximal=True),
+        AlgorithmSpec("fedavg", keep_nothing, trains_from_state=False),
+        AlgorithmSpec("fedprox", keep_nothing, proximal=True, trains_from_state=False),
         AlgorithmSpec("fedper", keep_head, needs_head=True),
         AlgorithmSpec("fedrep", keep_head, needs_head=True),
         AlgorithmSpec("fedbn", batchnorm_keys),
