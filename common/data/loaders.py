@@ -128,8 +128,20 @@ def _read_npz(
     path: Path, keys: tuple[str, ...], expected: str, optional: tuple[str, ...] = ()
 ) -> dict[str, np.ndarray]:
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        if path.is_dir():
+            what = "is a folder, not a file"
+        elif path.exists():
+            what = "is not a regular file (a device or pipe)"
+        else:
+            what = "file not found"
         raise DataError(f"data.path: {what}: {path} ({expected})")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":
+        raise DataError(
+            f"data.path: {path} is not a readable .npz archive (no zip header; "
+            f"{expected}); save the arrays with numpy.savez"
+        )
     try:
         with np.load(path, allow_pickle=False) as npz:
             found = list(npz.files)
@@ -182,6 +194,11 @@ def _assemble(
         writer_train=writer_train,
         writer_test=writer_test,
     )
+
+
+MAX_CLASSES = 100_000
+"""Labels are class indices; a larger one is a data error (a model head that wide would
+need gigabytes), not a class."""
 
 
 def _num_classes(y_train: np.ndarray, y_test: np.ndarray, min_classes: int = 0) -> int:
@@ -237,6 +254,13 @@ def _labels(y: np.ndarray, where: str, n: int) -> np.ndarray:
         )
     if len(y) and y.min() < 0:
         raise DataError(f"data.path: {where} has negative ids; expected 0, 1, 2, ...")
+    if len(y) and int(y.max()) >= MAX_CLASSES and "writer" not in where:
+        raise DataError(
+            f"data.path: {where} has a label {int(y.max())}; class labels must be "
+            f"0..{MAX_CLASSES - 1} (0, 1, 2, ... one per class)"
+        )
+    if y.dtype.kind == "u" and len(y) and int(y.max()) > np.iinfo(np.int64).max:
+        raise DataError(f"data.path: {where} has ids beyond int64; expected 0, 1, 2, ...")
     return y.astype(np.int64)
 
 
