@@ -7,13 +7,14 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from client.algorithms import ALGORITHMS, get_algorithm
 from client.algorithms.loop import DeviceData, proximal_term
 from common.models import ModelSpec, build_model
 from common.personalization import shared_keys
 from common.protocol import RoundInstructions
-from common.weights import model_to_arrays
+from common.weights import load_arrays, model_to_arrays
 from tests.tasks import make_task
 
 SPEC = ModelSpec(name="mlp2nn", input_shape=(1, 8, 8), num_classes=10, hidden=16)
@@ -38,10 +39,6 @@ def _data(seed: int = 0, n: int = 40) -> DeviceData:
 def _instr(algorithm: str, spec: ModelSpec = SPEC, **kw: float) -> RoundInstructions:
     kw.setdefault("lr", 0.1)
     return make_task(algorithm, spec, **kw)
-
-
-def test_registry_lists_both() -> None:
-    assert {"fedavg", "fedper"} <= set(ALGORITHMS)
 
 
 def test_fedavg_sends_everything_and_keeps_its_trained_copy() -> None:
@@ -133,15 +130,34 @@ def test_registry_matches_the_config_schema() -> None:
 BN_SPEC = ModelSpec(name="cnn", input_shape=(1, 8, 8), num_classes=10, batch_norm=True)
 
 
+def _expected_personal(name: str, model: torch.nn.Module) -> set[str]:
+    """What each algorithm's paper keeps on the device, spelled out from the model's own
+    layers (not from common.personalization, whose answer is under test)."""
+    if name in ("fedper", "fedrep"):
+        return {f"head.{k}" for k in model.head.state_dict()}  # type: ignore[union-attr]
+    if name == "fedbn":
+        bn = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+        return {
+            f"{m}.{k}"
+            for m, mod in model.named_modules()
+            if isinstance(mod, bn)
+            for k in mod.state_dict()
+        }
+    return set()  # fedavg, fedprox, ditto, apfl send the whole model
+
+
 @pytest.mark.parametrize("spec", [SPEC, BN_SPEC], ids=["mlp", "cnn-bn"])
 @pytest.mark.parametrize("name", sorted(ALGORITHMS))
 def test_device_and_server_agree_on_shared_keys(name: str, spec: ModelSpec) -> None:
-    """The server validates updates against common.personalization: the device must match."""
+    """The server validates updates against common.personalization: the device must match,
+    and both must keep exactly what the algorithm keeps."""
     model = build_model(spec, seed=0)
     algo = get_algorithm(name)
     keys = model.state_dict()
-    assert algo.shared_keys(model) == shared_keys(name, keys)
-    assert algo.personal_keys(model) == set(keys) - shared_keys(name, keys)
+    personal = _expected_personal(name, model)
+    if name == "fedbn" and spec is BN_SPEC:
+        assert personal  # the check below is not vacuous
+    assert shared_keys(name, keys) == set(keys) - personal  # the server's answer
     upd = algo.client_update(
         model,
         model_to_arrays(model),
@@ -150,7 +166,8 @@ def test_device_and_server_agree_on_shared_keys(name: str, spec: ModelSpec) -> N
         _instr(name, spec),
         torch.Generator().manual_seed(0),
     )
-    assert set(upd.shared) == shared_keys(name, keys)
+    assert set(upd.shared) == set(keys) - personal  # what the device really sends
+    assert personal <= set(upd.state.arrays)  # ... and what it keeps
 
 
 def test_fedprox_update_carries_mu_times_the_distance() -> None:
@@ -175,6 +192,25 @@ def test_fedprox_update_carries_mu_times_the_distance() -> None:
             w2_plain[k] - w2_prox[k], lr * mu * (w1[k] - g[k]), rtol=1e-4, atol=1e-6
         )
     assert any(np.abs(w1[k] - g[k]).max() > 1e-3 for k in g)
+
+
+def test_fedprox_without_mu_takes_plain_sgd_steps() -> None:
+    """mu = 0, one full batch: the update is w - lr * grad(mean cross-entropy), computed
+    here by hand with torch's autograd (so the loop's batching and optimiser are checked)."""
+    model = build_model(SPEC, seed=0)
+    g = model_to_arrays(model)
+    data, lr = _data(n=20), 0.1
+    instr = _instr("fedprox", proximal_mu=0.0, local_epochs=1, batch_size=20)
+    got = get_algorithm("fedprox").client_update(
+        model, g, None, data, instr, torch.Generator().manual_seed(2)
+    )
+    ref = build_model(SPEC, seed=1)
+    load_arrays(ref, g)
+    F.cross_entropy(ref(data.x_train), data.y_train).backward()
+    for name, p in ref.named_parameters():
+        assert p.grad is not None and float(p.grad.abs().max()) > 0
+        expected = (p.detach() - lr * p.grad).numpy()
+        np.testing.assert_allclose(got.shared[name], expected, rtol=1e-5, atol=1e-6)
 
 
 def _shared(name: str, mu: float) -> dict[str, np.ndarray]:

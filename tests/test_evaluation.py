@@ -10,12 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 from client.algorithms import get_algorithm
 from client.algorithms.loop import DeviceData
 from client.measure import evaluate_models, finetune
 from common.config import ConfigError, ExperimentConfig, load_config, validate_config
-from common.data import open_source
+from common.data import device_arrays, load_dataset, load_partition, open_source
 from common.models import ModelSpec, build_model
 from common.protocol import CONFIG_KEY, RoundInstructions
 from common.rows import RoundRow, read_rows
@@ -33,6 +34,7 @@ from common.weights import model_to_arrays
 from server.device_summary import holdout_devices
 from server.loop import ServerLoop
 from server.summary import LAST_LABEL, summarize
+from tests.conftest import accuracy, model_from
 from tests.inprocess_grid import InProcessGrid
 from tests.tasks import make_task
 
@@ -115,10 +117,25 @@ def test_devices_jsonl_one_sorted_line_per_device_with_roles(tmp_path: Path) -> 
     assert [x["device"] for x in lines] == list(range(8))
     held = set(holdout_devices(cfg))
     stats = json.loads((tmp_path / PARTITION_STATS_FILE).read_text())["devices"]
+    ds = load_dataset(cfg.data)
+    partition = load_partition(tmp_path / PARTITION_FILE)
+    spec = loop.spec.model_dump()
+    final = model_from(loop.global_arrays, spec)
     for x in lines:
         assert x["round"] == 3
         assert x["role"] == ("holdout" if x["device"] in held else "train")
-        assert 0.0 <= x["global_acc"] <= 1.0 and 0.0 <= x["finetuned_acc"] <= 1.0
+        # Recomputed here: the final global model, and the device's own state file
+        # (FedAvg keeps its whole trained copy), on the device's test split.
+        _, _, x_test, y_test = device_arrays(ds, partition, x["device"])
+        assert x["global_acc"] == accuracy(final, x_test, y_test)
+        state = tmp_path / STATE_DIR / f"device-{x['device']:06d}.safetensors"
+        assert x["personalized"] == state.exists()
+        if state.exists():
+            assert x["personal_acc"] == accuracy(model_from(load_file(state), spec), x_test, y_test)
+        # The fine-tuned model was scored on the same examples: a whole number of them.
+        assert x["finetuned_acc"] * x["num_test"] == pytest.approx(
+            round(x["finetuned_acc"] * x["num_test"]), abs=1e-9
+        )
         assert x["finetune_gain"] == pytest.approx(x["finetuned_acc"] - x["global_acc"])
         if x["role"] == "train":
             assert x["gain"] == pytest.approx(x["personal_acc"] - x["global_acc"])
@@ -272,14 +289,18 @@ def test_summary_labels_last_and_best(tmp_path: Path) -> None:
     best = max(rows, key=lambda r: r["global_test_acc"])
     assert s["best_global"]["global_test_acc"] == best["global_test_acc"]
     last = s["last"]
-    for key in (
-        "device_global_acc",
-        "device_personal_acc",
-        "device_finetuned_acc",
-        "holdout_global_acc",
-        "holdout_finetuned_acc",
+    # The last evaluation's per-device lines, weighted by test examples, computed here.
+    lines = _device_lines(tmp_path)
+    for key, role, col in (
+        ("device_global_acc", "train", "global_acc"),
+        ("device_personal_acc", "train", "personal_acc"),
+        ("device_finetuned_acc", "train", "finetuned_acc"),
+        ("holdout_global_acc", "holdout", "global_acc"),
+        ("holdout_finetuned_acc", "holdout", "finetuned_acc"),
     ):
-        assert 0.0 <= last[key] <= 1.0
+        mine = [x for x in lines if x["role"] == role]
+        n = sum(x["num_test"] for x in mine)
+        assert mine and last[key] == pytest.approx(sum(x[col] * x["num_test"] for x in mine) / n)
     assert s["bytes_up"] > 0 and s["bytes_down"] > 0 and s["bytes_up_per_update"] > 0
 
 

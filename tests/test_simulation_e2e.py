@@ -1,7 +1,8 @@
 """Real runs: `hybridfl simulate` starts a SuperLink, Ray and the apps; we read the run folder.
 
-These start real processes (SuperLink, ServerApp, Ray workers) and check that
-none is left afterwards.
+The default run shares one real run (``served_run`` in conftest.py) and checks what it
+left against values computed here, independently of hybridfl's own evaluation code.
+Checks that need runs of their own (a rerun, Ctrl-C, a failing ClientApp) are slow.
 """
 
 from __future__ import annotations
@@ -10,20 +11,28 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
 from common.config import load_config
-from common.rundir import STATE_DIR, prepare_run_dir
+from common.data import device_arrays, load_dataset, load_partition
+from common.rundir import STATE_DIR, prepare_run_dir, read_jsonl
 from common.weights import sha256_hex
 from simulation.runner import simulate
-from tests.conftest import processes_mentioning
+from tests.conftest import (
+    HYBRIDFL,
+    SERVED_RUN_ROUNDS,
+    SERVED_RUN_SETS,
+    ServedRun,
+    accuracy,
+    assert_no_leftovers,
+    model_from,
+)
 
-HYBRIDFL = [sys.executable, "-m", "simulation.cli"]
+ROUNDS = SERVED_RUN_ROUNDS
 SMALL = [
     "--set", "rounds=2",
     "--set", "partition.num_devices=6",
@@ -33,39 +42,20 @@ SMALL = [
 ]  # fmt: skip
 
 
-def _simulate(out: Path, *extra: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*HYBRIDFL, "simulate", "--out", str(out), *SMALL, *extra],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _ok(run: ServedRun) -> Path:
+    assert run.returncode == 0, run.output[-3000:]
+    return run.run_dir
 
 
-def _assert_no_leftovers(run_dir: Path) -> None:
-    deadline = time.monotonic() + 15
-    while processes_mentioning(str(run_dir)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert processes_mentioning(str(run_dir)) == []
-
-
-@pytest.fixture(scope="module")
-def first_run(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> tuple[Path, subprocess.CompletedProcess[str]]:
-    out = tmp_path_factory.mktemp("sim") / "run"
-    return out, _simulate(out)
-
-
-def test_two_round_simulation_fills_the_run_folder(first_run) -> None:  # type: ignore[no-untyped-def]
-    run_dir, proc = first_run
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "round   1/2" in proc.stdout and "round   2/2" in proc.stdout
+def test_the_run_fills_its_folder_and_leaves_no_process(served_run: ServedRun) -> None:
+    run_dir = _ok(served_run)
+    for r in range(1, ROUNDS + 1):
+        assert f"round {r:>3}/{ROUNDS}" in served_run.output
     for name in (
         "config.toml",
         "partition.json",
         "metrics.jsonl",
+        "devices.jsonl",
         "summary.json",
         "accuracy.png",
         "final_model.safetensors",
@@ -73,42 +63,85 @@ def test_two_round_simulation_fills_the_run_folder(first_run) -> None:  # type: 
         "logs/superlink.log",
     ):
         assert (run_dir / name).is_file(), name
-    assert load_config(run_dir / "config.toml").rounds == 2
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["num_sampled"] == 3 and r["num_updates"] == 3 and r["num_failed"] == 0
-        assert 0.0 <= r["global_test_acc"] <= 1.0
-        dev = r["devices"]
-        assert dev["num_devices"] == 6  # evaluation.devices = "all"
-        for key in ("global_acc", "personal_acc"):
-            assert set(dev[key]) == {"mean", "weighted_mean", "p10", "p50", "p90"}
-        assert 0.0 <= dev["share_personal_worse"] <= 1.0
+    cfg = load_config(run_dir / "config.toml")
+    assert (cfg.rounds, cfg.partition.num_devices, cfg.seed) == (ROUNDS, 6, 7)
+    assert [r["round"] for r in read_jsonl(run_dir / "metrics.jsonl")] == list(range(1, ROUNDS + 1))
     manifest = json.loads((run_dir / "final_model.json").read_text())
-    blob = (run_dir / "final_model.safetensors").read_bytes()
-    assert manifest["sha256"] == sha256_hex(blob)
-    assert manifest["round"] == 2 and manifest["model"]["name"] == "mlp2nn"
+    assert manifest["sha256"] == sha256_hex((run_dir / "final_model.safetensors").read_bytes())
+    assert manifest["round"] == ROUNDS and manifest["model"]["name"] == "mlp2nn"
     arrays = load_file(run_dir / "final_model.safetensors")
     assert sum(a.size for a in arrays.values()) == manifest["parameter_count"]
-    stats = json.loads((run_dir / "partition.json").read_text())
-    assert len(stats["devices"]) == 6
-    # Every device that trained has its personal state on disk.
-    assert len(list((run_dir / STATE_DIR).glob("device-*.safetensors"))) >= 3
-    _assert_no_leftovers(run_dir)
+    assert len(json.loads((run_dir / "partition.json").read_text())["devices"]) == 6
+    # The same config and seed give the same partition in a folder of our own.
+    again = run_dir.parent / "partition-again"
+    prepare_run_dir(cfg, again)
+    assert (again / "partition.npz").read_bytes() == (run_dir / "partition.npz").read_bytes()
+    assert_no_leftovers(run_dir)
 
 
-def test_same_seed_same_metrics(first_run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    run_dir, proc = first_run
-    assert proc.returncode == 0
-    again = _simulate(tmp_path / "again")
+def test_reported_accuracies_are_those_of_the_saved_models(served_run: ServedRun) -> None:
+    """Global test accuracy and every device's global/personal accuracy, recomputed here
+    from the final model, the devices' state files and their test splits."""
+    run_dir = _ok(served_run)
+    cfg = load_config(run_dir / "config.toml")
+    assert cfg.client.algorithm == "fedavg"  # its personal model is its whole trained copy
+    ds = load_dataset(cfg.data)
+    spec = json.loads((run_dir / "final_model.json").read_text())["model"]
+    final = model_from(load_file(run_dir / "final_model.safetensors"), spec)
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    expected = accuracy(final, ds.x_test, ds.y_test)
+    assert rows[-1]["global_test_acc"] == expected
+    assert summary["last"]["global_test_acc"] == expected
+
+    partition = load_partition(run_dir / "partition.npz")
+    lines = read_jsonl(run_dir / "devices.jsonl")
+    assert [x["device"] for x in lines] == list(range(6))  # evaluation.devices = "all"
+    g, p, n = [], [], []
+    for x in lines:
+        d = int(x["device"])  # type: ignore[call-overload]
+        _, _, x_test, y_test = device_arrays(ds, partition, d)
+        state_file = run_dir / STATE_DIR / f"device-{d:06d}.safetensors"
+        personal = model_from(load_file(state_file), spec) if state_file.exists() else final
+        g.append(accuracy(final, x_test, y_test))
+        p.append(accuracy(personal, x_test, y_test))
+        n.append(len(y_test))
+        assert x["round"] == ROUNDS and x["num_test"] == n[-1]
+        assert x["personalized"] == state_file.exists()
+        assert (x["global_acc"], x["personal_acc"]) == pytest.approx((g[-1], p[-1]), abs=1e-12)
+    # At least one round's sample trained, and a trained copy is not the global model.
+    assert sum(x["personalized"] for x in lines) >= 3  # type: ignore[misc]
+    assert p != g
+    dev = rows[-1]["devices"]
+    w = np.array(n, dtype=float)
+    assert dev["global_acc"]["weighted_mean"] == pytest.approx(float(np.dot(g, w) / w.sum()))  # type: ignore[index]
+    assert dev["personal_acc"]["weighted_mean"] == pytest.approx(float(np.dot(p, w) / w.sum()))  # type: ignore[index]
+    assert dev["global_acc"]["p50"] == pytest.approx(float(np.median(g)))  # type: ignore[index]
+    worse = sum(pi < gi for gi, pi in zip(g, p, strict=True)) / len(g)
+    assert dev["share_personal_worse"] == pytest.approx(worse)  # type: ignore[index]
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics(served_run: ServedRun, tmp_path: Path) -> None:
+    """A second run with the same config and seed (no --serve) writes identical metrics."""
+    run_dir = _ok(served_run)
+    sets = [a for s in SERVED_RUN_SETS for a in ("--set", s)]
+    again = subprocess.run(
+        [*HYBRIDFL, "simulate", "--out", str(tmp_path / "again"), *sets],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     first = (run_dir / "metrics.jsonl").read_bytes()
     assert (tmp_path / "again" / "metrics.jsonl").read_bytes() == first
-    a = (run_dir / "final_model.json").read_text()
-    b = (tmp_path / "again" / "final_model.json").read_text()
-    assert json.loads(a)["sha256"] == json.loads(b)["sha256"]
+    a = json.loads((run_dir / "final_model.json").read_text())
+    b = json.loads((tmp_path / "again" / "final_model.json").read_text())
+    assert a["sha256"] == b["sha256"]
 
 
+@pytest.mark.slow
 def test_failing_clientapp_fails_the_run_with_its_cause(tmp_path: Path) -> None:
     """Unreadable personal state on every device: each ClientApp raises; the run fails."""
     cfg = load_config(None, ["rounds=2", "partition.num_devices=3", "model.name=logistic"])
@@ -121,9 +154,10 @@ def test_failing_clientapp_fails_the_run_with_its_cause(tmp_path: Path) -> None:
     assert not result.ok
     assert result.status == "finished:failed"
     assert result.failure and "unreadable" in result.failure
-    _assert_no_leftovers(run_dir)
+    assert_no_leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(
@@ -143,7 +177,7 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130
-    _assert_no_leftovers(out.resolve())
+    assert_no_leftovers(out.resolve())
 
 
 @pytest.mark.parametrize(

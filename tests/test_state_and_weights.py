@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.connection
 import os
-import subprocess
-import sys
-import textwrap
+import signal
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from client.state import PersonalState, PersonalStateStore, StateCorruptError
+from common.atomic import TMP_PREFIX
 from common.models import ModelSpec, build_model, count_parameters
 from common.weights import (
     from_safetensors,
@@ -44,35 +46,53 @@ def test_corrupt_state_is_reported(tmp_path: Path) -> None:
         store.load(1)
 
 
-def test_killed_writer_leaves_previous_state(tmp_path: Path) -> None:
-    """SIGKILL a process in the middle of many saves: the file is always whole."""
+def _save_until_killed(root: str, conn: multiprocessing.connection.Connection) -> None:
+    """Child: save version 1 of device 0's state, but stop once its temp file is written
+    and fsynced, just before the rename that would publish it, and wait to be killed."""
+    import client.state as state_module
+    from common import atomic
+
+    def pause() -> None:
+        conn.send("paused")
+        time.sleep(60)
+
+    def hooked(path: Path, data: bytes, before_rename: object = None, **kw: object) -> None:
+        atomic.atomic_write_bytes(path, data, pause, **kw)  # type: ignore[arg-type]
+
+    state_module.atomic_write_bytes = hooked  # type: ignore[assignment]
+    store = PersonalStateStore(Path(root))
+    store.save(0, PersonalState({"w": np.full(200_000, 1, np.float32)}, {"v": 1}))
+    conn.send("finished")
+
+
+def test_writer_killed_before_the_rename_leaves_the_previous_state(tmp_path: Path) -> None:
+    """SIGKILL at a fixed point of a save (new bytes durable, not yet renamed): the
+    device's file is still the previous state, whole; the next save works."""
     store = PersonalStateStore(tmp_path)
     store.save(0, PersonalState({"w": np.zeros(1000, np.float32)}, {"v": 0}))
-    code = textwrap.dedent(
-        f"""
-        import numpy as np, sys
-        sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
-        from client.state import PersonalState, PersonalStateStore
-        s = PersonalStateStore({str(tmp_path)!r})
-        print("ready", flush=True)
-        i = 0
-        while True:
-            i += 1
-            s.save(0, PersonalState({{"w": np.full(200_000, i, np.float32)}}, {{"v": i}}))
-        """
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    assert proc.stdout.readline().strip() == b"ready"
-    import time
-
-    time.sleep(0.5)
-    os.kill(proc.pid, 9)
-    proc.wait()
+    before = store.path(0).read_bytes()
+    ctx = multiprocessing.get_context("fork")  # starts in ms, numpy already imported
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_save_until_killed, args=(str(tmp_path), child))
+    proc.start()
+    try:
+        assert parent.poll(30), "the writer never reached the kill point"
+        assert parent.recv() == "paused"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.join(10)
+    assert proc.exitcode == -signal.SIGKILL
+    # The crash landed mid-save: the new bytes sit in a hidden temp file, complete.
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(TMP_PREFIX)]
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size > 800_000
+    assert store.path(0).read_bytes() == before
     got = store.load(0)
-    assert got is not None
-    w = got.arrays["w"]
-    assert np.all(w == w[0]) and int(got.meta["v"]) == int(w[0])
+    assert got is not None and got.meta == {"v": 0}
+    np.testing.assert_array_equal(got.arrays["w"], np.zeros(1000, np.float32))
+    assert [p.name for p in tmp_path.glob("device-*.safetensors")] == ["device-000000.safetensors"]
+    store.save(0, PersonalState({"w": np.full(10, 2, np.float32)}, {"v": 2}))
+    again = store.load(0)
+    assert again is not None and again.meta == {"v": 2}
 
 
 def test_safetensors_round_trip_is_byte_stable() -> None:
