@@ -79,7 +79,7 @@ def simulate(
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
     from common.rows import RoundRow, TimingRow
-    from simulation.progress import done_line, plot_accuracy, progress_line
+    from simulation.progress import done_line, evaluation_plan, plot_accuracy, progress_line
     from simulation.runner import RunnerError
     from simulation.runner import simulate as run_sim
 
@@ -101,7 +101,8 @@ def simulate(
         f"device min {s.get('min_train')} / median {s.get('median_train')} / max "
         f"{s.get('max_train')}, {s.get('mean_classes_per_device', 0):.1f} classes on average)\n"
         f"model {cfg.model.name}, strategy {cfg.strategy.name}, algorithm "
-        f"{cfg.client.algorithm}, {cfg.rounds} rounds"
+        f"{cfg.client.algorithm}, {cfg.rounds} rounds\n"
+        f"{evaluation_plan(cfg)}"
     )
 
     def on_round(row: RoundRow, timing: TimingRow | None) -> None:

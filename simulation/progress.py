@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from common.config import ExperimentConfig
 from common.rows import Distribution, RoundRow, TimingRow, read_rows
 from common.rundir import METRICS_FILE, PLOT_FILE
 
@@ -42,14 +43,50 @@ def progress_line(row: RoundRow, timing: TimingRow | None, rounds: int) -> str:
     return "  ".join(parts)
 
 
+def evaluation_plan(cfg: ExperimentConfig) -> str:
+    """Which devices each evaluation measures, said once at the start (the default
+    depends on the population size, so the user is told which one applies)."""
+    e, n = cfg.evaluation, cfg.partition.num_devices
+    mode = e.mode(n)
+    held = e.num_holdout(n)
+    train = n - held
+    what = {
+        "all": f"all {train} training devices",
+        "participants": "the devices that trained that round",
+        "sample": f"a seeded sample of {min(e.sample_devices, train)} of {train} training devices",
+    }[mode]
+    if e.devices == "auto":
+        what += f" (evaluation.devices = auto: {'up to' if mode == 'all' else 'above'} 1,000)"
+    if held:
+        what += f", and {min(held, e.sample_devices) if mode == 'sample' else held} held-out"
+    return f"evaluation every {e.every} round(s) and at the end: {what}"
+
+
 def done_line(summary: dict[str, Any], wall_s: float, run_dir: Path) -> str:
-    """The last line of a finished run: its accuracy summary and where the results are."""
+    """The last lines of a finished run: what personalization did for the devices in one
+    plain sentence, the accuracies, what did not go as asked, and where the results are."""
     last = summary.get("last") or {}
-    return (
+    lines = []
+    verdict = summary.get("personalization") or {}
+    if verdict.get("sentence"):
+        lines.append(f"{verdict['sentence']}.")
+    problems = [
+        f"{summary[k]} {what}"
+        for k, what in (
+            ("failed_updates", "updates failed"),
+            ("rejected_updates", "updates were rejected"),
+            ("eval_failed", "device evaluations failed"),
+        )
+        if summary.get(k)
+    ]
+    if problems:
+        lines.append(f"of {summary.get('num_sampled', 0)} selected devices: " + ", ".join(problems))
+    lines.append(
         f"done in {wall_s:.1f}s: global test accuracy {last.get('global_test_acc') or 0:.4f}, "
         f"personalized on devices {last.get('device_personal_acc') or 0:.4f} "
         f"(global on devices {last.get('device_global_acc') or 0:.4f}); results in {run_dir}"
     )
+    return "\n".join(lines)
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:

@@ -30,7 +30,6 @@ from common.rundir import (
 )
 from simulation.flwr_cli import (
     RunnerError,
-    app_run_config_keys,
     flwr_env,
     free_port,
     run_status,
@@ -125,13 +124,8 @@ def submit_simulation(
     learns that its population is the partition, not the SuperNodes.
     """
     sim = cfg.simulation
-    # Until the ServerApp declares the `population` run-config key it registers one
-    # SuperNode per device, so the federation must still have one per device.
-    slotted = "population" in app_run_config_keys(app)
     fed: dict[str, str | int | float | bool] = {
-        "num-supernodes": (
-            sim.num_slots(os.cpu_count() or 1) if slotted else cfg.partition.num_devices
-        ),
+        "num-supernodes": sim.num_slots(os.cpu_count() or 1),
         "client-resources-num-cpus": sim.num_cpus_per_client,
         "client-resources-num-gpus": float(sim.num_gpus_per_client),
     }
