@@ -147,7 +147,9 @@ class SimulationConfig(_Section):
     num_gpus_per_client: float = Field(0.0, ge=0.0)
     max_workers: int = Field(0, ge=0)
     """CPUs given to Ray (0 = all cores); with num_cpus_per_client this caps the
-    number of ClientApps running in parallel."""
+    number of ClientApps running in parallel. With ``ray_address`` set it is not given
+    to Ray: set it to the cluster's total CPUs so that hybridfl starts enough slots
+    (two per ClientApp worker) to keep every node busy."""
     ray_address: str = ""
     """Address of an existing Ray cluster (e.g. ``ray://head:10001`` or ``auto``);
     empty starts a local Ray instance inside the run folder."""
