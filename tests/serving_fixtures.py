@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 
 from common.rundir import REGISTRY_DIR
+from simulation.procs import guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-0123456789abcdef"
@@ -90,8 +91,8 @@ def start_model_server_process(
     proc = subprocess.Popen(
         [sys.executable, "-c", _LAUNCHER, str(run_dir), str(memory_cache_bytes)],
         cwd=ROOT,
-        env=env,
         stdout=subprocess.PIPE,
+        **guarded(env),
         text=True,
     )
     server = ServerProcess(proc, "", Path(run_dir))
