@@ -107,6 +107,7 @@ SERVED_RUN_SETS = (
     "strategy.fraction_train=0.5",
     'model.name="mlp2nn"',
     "seed=7",
+    "simulation.max_workers=1",  # one Ray worker: 6 small devices need no more
 )
 """What ``served_run`` runs; a slow test reruns the same sets to compare."""
 
@@ -219,6 +220,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     instead of after; ``served_run`` then just collects the result.
     """
     global _served_job
+    if session.config.option.collectonly:
+        return
     if _served_job is None and any(
         "served_run" in getattr(item, "fixturenames", ()) for item in session.items
     ):

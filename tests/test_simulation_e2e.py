@@ -183,10 +183,16 @@ def test_ctrl_c_stops_everything(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
+        # The CLI's two error paths: the config (load_config) and the data (prepare_run_dir).
         (["--set", "client.lrr=0.1"], "client.lrr: unknown key"),
-        (["--set", "partition.alpha=0"], "partition.alpha"),
         (["--set", 'data.dataset="npz"', "--set", 'data.path="/no/x.npz"'], "/no/x.npz"),
-        (["--set", "partition.num_devices=100000"], "partition.num_devices"),
+        # The same paths again (each validator is also tested in-process in test_config).
+        pytest.param(["--set", "partition.alpha=0"], "partition.alpha", marks=pytest.mark.slow),
+        pytest.param(
+            ["--set", "partition.num_devices=100000"],
+            "partition.num_devices",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_bad_input_fails_fast_without_traceback(
