@@ -66,13 +66,11 @@ def test_failed_start_leaves_out_reusable(tmp_path: Path, pre_existing: bool) ->
 def test_impossible_cpus_per_client_fail_before_start(tmp_path: Path) -> None:
     cores = os.cpu_count() or 1
     out = tmp_path / "r"
-    t0 = time.monotonic()
     proc = hybridfl(
         "simulate", "--out", str(out), "--set", f"simulation.num_cpus_per_client={cores + 2}"
     )
     assert_clean_error(proc, 2, "simulation.num_cpus_per_client", f"at most {cores}")
-    assert time.monotonic() - t0 < 20
-    assert not out.exists()
+    assert not out.exists()  # refused before anything was written or started
 
 
 def test_cause_of_a_failed_run_comes_from_the_logs(tmp_path: Path) -> None:
