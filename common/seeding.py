@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 _PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "synthetic": 6, "eval-sample": 10}
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
@@ -29,6 +32,8 @@ def numpy_rng(seed: int, purpose: str, round_: int = 0, device: int = 0) -> np.r
 
 
 def torch_generator(seed: int, purpose: str, round_: int = 0, device: int = 0) -> torch.Generator:
+    import torch  # lazily: the CLI and the model server import this module without torch
+
     g = torch.Generator()
     g.manual_seed(derive_seed(seed, purpose, round_, device))
     return g
