@@ -68,6 +68,8 @@ def _lines_until_round(proc: subprocess.Popen[str], timeout_s: float) -> list[st
     return lines
 
 
+@pytest.mark.slow  # a second SuperLink + Ray of its own (the kill ends it): ~45 s quiet;
+# the default run keeps test_procs.py's kill -9 of a process tree (watchdog, no Ray)
 def test_local_simulation_listens_on_loopback_and_dies_with_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "run"
     for app in ("hybridfl", "hybridfl-superlink"):
