@@ -364,3 +364,14 @@ def test_personalization_verdict_counts_devices(tmp_path: Path) -> None:
     assert v["mean_gain_points"] == pytest.approx(100 * np.mean([r.gain for r in rows]))
     assert f"helped {v['helped']} of 6 devices" in v["sentence"]
     assert personalization_verdict([]) is None
+
+
+def test_every_config_name_list_has_one_registry() -> None:
+    from common.config import DatasetName, ModelName, PartitionMethod
+    from common.data.loaders import LOADERS
+    from common.data.partition import METHODS
+    from common.models import _BUILDERS
+
+    assert set(get_args(DatasetName)) == {*LOADERS, "synthetic"}
+    assert set(get_args(ModelName)) == set(_BUILDERS)
+    assert set(get_args(PartitionMethod)) == set(METHODS)

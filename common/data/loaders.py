@@ -13,6 +13,7 @@ import math
 import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,19 +46,22 @@ _IDX_EXPECTED = (
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load the dataset a config names. Called once per process by the caller."""
-    if cfg.dataset == "digits":
-        return load_digits()
-    path = Path(cfg.path).expanduser()
-    if cfg.dataset == "npz":
-        return load_npz(path)
-    if cfg.dataset == "idx":
-        return load_idx(path)
-    if cfg.dataset == "femnist":
-        return load_femnist(path)
-    raise DataError(
-        f"data.dataset: unknown dataset '{cfg.dataset}' (expected digits, npz, idx or femnist)"
-    )
+    """Load the dataset a config names. Called once per process by the caller.
+
+    ``synthetic`` is not loaded but generated per device (``common.data.source``).
+    """
+    if cfg.dataset == "synthetic":
+        raise DataError(
+            "data.dataset: 'synthetic' is generated per device, not loaded: use "
+            "common.data.open_source(cfg, None)"
+        )
+    loader = LOADERS.get(cfg.dataset)
+    if loader is None:
+        raise DataError(
+            f"data.dataset: unknown dataset '{cfg.dataset}' (expected one of "
+            f"{sorted([*LOADERS, 'synthetic'])})"
+        )
+    return loader(Path(cfg.path).expanduser())
 
 
 # --------------------------------------------------------------------------- digits
@@ -380,3 +384,13 @@ def load_idx(folder: Path, name: str = "idx") -> Dataset:
                 f"{files[f'{split}_labels']} holds {n_y} labels; use matching files"
             )
     return _assemble(name, folder, arrays)
+
+
+LOADERS: dict[str, Callable[[Path], Dataset]] = {
+    "digits": lambda _path: load_digits(),
+    "npz": load_npz,
+    "idx": load_idx,
+    "femnist": load_femnist,
+}
+"""Every file-backed ``data.dataset`` (``common.config.DatasetName`` adds ``synthetic``;
+a test checks the two agree)."""
