@@ -17,6 +17,7 @@ from client.algorithms import get_algorithm
 from client.coldstart import cold_start_metrics
 from client.measure import evaluate_models
 from client.runtime import DeviceEnv, device_data, device_store, model_for
+from client.state import StateCorruptError
 from common.protocol import CohortReply, DeviceFailure, EvalReport, RoundInstructions, TrainReport
 from common.seeding import torch_generator
 from common.weights import Arrays
@@ -50,7 +51,15 @@ def train_device(
     data = device_data(env, device)
     store = device_store(env)
     algo = get_algorithm(task.algorithm)
-    state = store.load(device) if algo.spec.trains_from_state else store.load_meta(device)
+    reset = None
+    try:
+        state = store.load(device) if algo.spec.trains_from_state else store.load_meta(device)
+    except StateCorruptError as err:
+        # A damaged state file must not exclude the device for good: keep the file for
+        # inspection, start over from the served model, and say so in the report.
+        kept = store.quarantine(device, task.round)
+        reset = f"personal state unreadable ({str(err)[:120]}); kept as {kept.name}"
+        state = None
     if state is not None and int(state.meta.get("last_round", -1)) >= task.round:
         # A message the server already gave up on (e.g. delivered after a restart):
         # training on it would overwrite newer personal state.
@@ -81,6 +90,7 @@ def train_device(
         cold_start_acc=cold.get("acc"),
         cold_start_version=cold.get("version"),
         cold_start_failed=bool(cold.get("failed", False)),
+        state_reset=reset,
     )
     return report, update.shared
 

@@ -60,6 +60,13 @@ class PersonalStateStore:
             raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
         return PersonalState(arrays=arrays, meta=meta)
 
+    def quarantine(self, device_id: int, round_: int) -> Path:
+        """Move an unreadable state file aside (``.corrupt-r<round>``); return its new path."""
+        p = self.path(device_id)
+        dst = p.with_name(f"{p.name}.corrupt-r{round_}")
+        p.replace(dst)
+        return dst
+
     def load_meta(self, device_id: int) -> PersonalState | None:
         """The state's metadata only (its arrays left on disk), or None for a new device.
 

@@ -122,6 +122,8 @@ class TrainReport(_Wire):
     """First join of a real device: the served model's accuracy on its test split."""
     cold_start_version: int | None = None
     cold_start_failed: bool = False
+    state_reset: str | None = None
+    """Why the device's personal state was set aside (unreadable) before this round."""
 
 
 class EvalReport(_Wire):

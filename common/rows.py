@@ -105,6 +105,9 @@ class RoundRow(_Row):
     bytes_down: float
     cost: RoundCost | None = None
     cold_start: list[ColdStart] | None = None
+    state_resets: list[DeviceIssue] | None = None
+    """Devices whose personal state was unreadable: set aside, restarted from the served
+    model (the round still used their update)."""
     evaluated: bool = False
     global_test_acc: float | None = None
     global_test_loss: float | None = None

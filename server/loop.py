@@ -213,6 +213,12 @@ class ServerLoop:
                 bytes_down=float(nbytes(self.global_arrays)),
             ),
             cold_start=cold or None,
+            state_resets=[
+                DeviceIssue(device=r.device, reason=r.state_reset)
+                for r in reports
+                if r.state_reset is not None
+            ]
+            or None,
         )
         return row, [r.device for r in reports], [r.train_time_s for r in reports]
 

@@ -375,3 +375,52 @@ def test_every_config_name_list_has_one_registry() -> None:
     assert set(get_args(DatasetName)) == {*LOADERS, "synthetic"}
     assert set(get_args(ModelName)) == set(_BUILDERS)
     assert set(get_args(PartitionMethod)) == set(METHODS)
+
+
+def test_an_unreadable_personal_state_is_set_aside_not_a_life_ban(tmp_path: Path) -> None:
+    cfg, src = _setup(tmp_path, "rounds=1")
+    ServerLoop(InProcessGrid(tmp_path, 2), cfg, tmp_path, src).run()
+    state = tmp_path / "devices" / "device-000002.safetensors"
+    state.write_bytes(b"\x1b[31mnot a safetensors file")
+    cfg2, _ = _setup(tmp_path, "rounds=2")
+    loop = ServerLoop(InProcessGrid(tmp_path, 2), cfg2, tmp_path, src)
+    loop.population.connect()  # type: ignore[attr-defined]
+    row, trained, _ = loop.train_round(2, [0, 1, 2, 3])
+    assert trained == [0, 1, 2, 3] and row.num_failed == 0
+    assert row.state_resets is not None and [r.device for r in row.state_resets] == [2]
+    assert "unreadable" in row.state_resets[0].reason and len(row.state_resets[0].reason) < 300
+    assert state.is_file() and (state.parent / f"{state.name}.corrupt-r2").is_file()
+
+
+def test_devices_joining_in_different_rounds_report_the_same_schema(tmp_path: Path) -> None:
+    """Deployment (one node per device), half the devices per round: first-join replies
+    carry cold-start numbers the others lack; rounds aggregate all the same (issue 12 D1)."""
+    cfg, src = _setup(tmp_path, "rounds=3", "strategy.fraction_train=0.5")
+    joined: set[int] = set()
+
+    def cold_start(node: int, msg: Message, reply: Message) -> Message | None:
+        if msg.metadata.message_type != "train" or reply.has_error():
+            return None
+        body = CohortReply.from_record_fields(reply.content[REPORT_KEY])
+        train = [
+            r.model_copy(update={"cold_start_acc": 0.5, "cold_start_version": 0})
+            if r.device not in joined
+            else r
+            for r in body.train
+        ]
+        joined.update(r.device for r in body.train)
+        new = body.model_copy(update={"train": train})
+        content = RecordDict(
+            {
+                ARRAYS_KEY: reply.content[ARRAYS_KEY],
+                REPORT_KEY: ConfigRecord(new.to_record_fields()),
+            }
+        )
+        return Message(content, reply_to=msg)
+
+    grid = InProcessGrid(tmp_path, 4, cold_start, devices=True)
+    ServerLoop(grid, cfg, tmp_path, src, population="nodes").run()
+    rows = _rows(tmp_path)
+    assert [r["num_updates"] for r in rows] == [2, 2, 2]
+    firsts = [d["device"] for r in rows for d in r.get("cold_start", [])]
+    assert sorted(firsts) == sorted(set(firsts)) and len(firsts) >= 3
