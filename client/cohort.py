@@ -35,14 +35,6 @@ def short_reason(err: BaseException) -> str:
     return text if len(text) <= MAX_REASON else text[: MAX_REASON - 1] + "…"
 
 
-def _update_norm(shared: Arrays, global_arrays: Arrays) -> float:
-    sq = 0.0
-    for k, v in shared.items():
-        d = v.astype(np.float64) - global_arrays[k]
-        sq += float(np.dot(d.ravel(), d.ravel()))
-    return sq**0.5
-
-
 def train_device(
     device: int, env: DeviceEnv, task: RoundInstructions, global_arrays: Arrays
 ) -> tuple[TrainReport, Arrays]:
@@ -85,7 +77,6 @@ def train_device(
         steps=int(m.get("steps", 0)),
         personal_loss=m.get("personal_loss"),
         apfl_alpha=m.get("alpha"),
-        update_norm=_update_norm(update.shared, global_arrays),
         train_time_s=time.perf_counter() - t0,
         cold_start_acc=cold.get("acc"),
         cold_start_version=cold.get("version"),

@@ -112,8 +112,6 @@ class TrainReport(_Wire):
     personal_loss: float | None = None
     """Ditto: loss of the personal model's own objective."""
     apfl_alpha: float | None = None
-    update_norm: float | None = None
-    """L2 norm of (update - global) over the shared arrays."""
     valid: bool = True
     """Pre-aggregation only: whether the worker found the update finite (else excluded)."""
     train_time_s: float = 0.0
