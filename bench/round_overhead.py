@@ -641,6 +641,9 @@ def run_hybridfl(args: argparse.Namespace, tmp: Path) -> Variant:
         "--set", f"rounds={n}", "--set", f"evaluation.every={n}",
         "--set", f'data.path="{Path(args.data).resolve()}"', "--set", "output.plot=false",
     ]  # fmt: skip
+    for extra in args.hybridfl_set:
+        cmd += ["--set", extra]
+        v.title += f" --set {extra}"
     log = tmp / "logs" / "c.log"
     sampler = measure(v, cmd, log, args, cwd=root, watch=run_dir / TIMINGS_FILE, env=env)
     v.rounds = [dict(r) for r in read_jsonl(run_dir / TIMINGS_FILE)]
@@ -843,6 +846,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=ROOT,
         help="(c) the hybridfl checkout to run (default: this one), e.g. a branch with a fix",
+    )
+    p.add_argument(
+        "--hybridfl-set",
+        action="append",
+        default=[],
+        help="(c) an extra --set KEY=VALUE (repeatable), e.g. simulation.preaggregate=true",
     )
     p.add_argument("--child", choices=("floor", "flower"), help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)

@@ -1,0 +1,1 @@
+"""mnistquickstart: a Flower / PyTorch app (cross-device benchmark baseline)."""
