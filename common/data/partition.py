@@ -211,11 +211,12 @@ def _read_flwr(partitioner: Any, n: int) -> list[np.ndarray]:
 
 
 def _iid(y: np.ndarray, p: PartitionConfig, seed: int) -> list[np.ndarray]:
-    from flwr_datasets.partitioner import IidPartitioner
-
-    part = IidPartitioner(num_partitions=p.num_devices)
-    part.dataset = _pool_dataset(y, seed)
-    return _read_flwr(part, p.num_devices)
+    """flwr-datasets' IidPartitioner takes contiguous shards of the seeded pool order
+    (the first ``len % n`` shards one row longer): ``np.array_split`` of the same
+    permutation gives byte-identical partitions (a test pins it) in milliseconds
+    instead of ~20 s at 10,000 devices (one HF ``select`` per device)."""
+    perm = np.random.default_rng([seed, _TAG_POOL]).permutation(len(y)).astype(np.int64)
+    return list(np.array_split(perm, p.num_devices))
 
 
 def _dirichlet(y: np.ndarray, p: PartitionConfig, seed: int) -> list[np.ndarray]:
