@@ -30,7 +30,7 @@ def test_labels_beyond_any_class_count_are_refused(tmp_path: Path, labels: np.nd
 def test_a_file_that_is_not_npz_is_named_without_pickle_advice(tmp_path: Path) -> None:
     p = tmp_path / "notes.txt"
     p.write_text("hello")
-    with pytest.raises(DataError, match="not a readable .npz archive") as err:
+    with pytest.raises(DataError, match=r"not a readable \.npz archive") as err:
         load_npz(p)
     assert "pickle" not in str(err.value)
 
