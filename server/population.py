@@ -80,6 +80,7 @@ class PartitionPopulation:
     grid: Grid
     devices_per_message: int = 0
     slots: list[int] = field(default_factory=list)
+    _pool: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
@@ -99,10 +100,11 @@ class PartitionPopulation:
         log.info("%d devices over %d execution slots", self.size, len(nodes))
 
     def train_pool(self) -> np.ndarray:
-        ids = np.arange(self.size, dtype=np.int64)
-        if self.held_out.size == 0:
-            return ids
-        return np.setdiff1d(ids, self.held_out, assume_unique=True)
+        """Computed once: the partition's population never changes during a run."""
+        if self._pool is None:
+            ids = np.arange(self.size, dtype=np.int64)
+            self._pool = np.setdiff1d(ids, self.held_out, assume_unique=True)
+        return self._pool
 
     def holdout(self) -> np.ndarray:
         return self.held_out

@@ -177,7 +177,8 @@ def test_deployment_population_registers_every_device_or_says_who_is_missing(
         short.population.connect(wait_s=0.1)  # type: ignore[attr-defined]
 
 
-def test_cohorts_and_preaggregation_give_the_same_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedadam"])
+def test_cohorts_and_preaggregation_give_the_same_model(tmp_path: Path, strategy: str) -> None:
     finals, metrics = {}, {}
     for name, extra in {
         "single": ["simulation.devices_per_message=1"],
@@ -185,7 +186,9 @@ def test_cohorts_and_preaggregation_give_the_same_model(tmp_path: Path) -> None:
         "preagg": ["simulation.devices_per_message=3", "simulation.preaggregate=true"],
     }.items():
         d = tmp_path / name
-        cfg, src = _setup(d, "partition.num_devices=7", "rounds=3", *extra)
+        cfg, src = _setup(
+            d, "partition.num_devices=7", "rounds=3", f"strategy.name={strategy}", *extra
+        )
         finals[name] = ServerLoop(InProcessGrid(d, 2), cfg, d, src).run()
         metrics[name] = (d / METRICS_FILE).read_bytes()
     assert metrics["single"] == metrics["cohort"]
