@@ -111,7 +111,12 @@ def main(grid: Grid, context: Context) -> None:
         cfg = load_config(run_dir / CONFIG_FILE)
         source = open_source(cfg, run_dir / PARTITION_FILE)
         population = str(context.run_config.get(POPULATION_KEY, "") or "partition")
-        loop = ServerLoop(grid, cfg, run_dir, source, population=population)
+        if population not in ("partition", "nodes"):
+            raise ValueError(
+                f"run config '{POPULATION_KEY}' = {population!r}: use 'partition' "
+                "(simulation) or 'nodes' (one SuperNode per device)"
+            )
+        loop = ServerLoop(grid, cfg, run_dir, source, population=population)  # type: ignore[arg-type]
         loop.on_version = registry_publisher(
             run_dir, loop.spec, cfg.rounds, cfg.output.publish_every
         )

@@ -17,6 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -29,7 +30,7 @@ from common.rows import ColdStart, DeviceIssue, Distribution, RoundCost, RoundRo
 from common.seeding import derive_seed
 from common.weights import Arrays, ArraySpec, model_to_arrays, spec_of, validate_update
 from server.aggregation import Aggregator, partial_mean
-from server.device_summary import holdout_devices
+from server.device_summary import DeviceRow, holdout_devices
 from server.dispatch import Dispatcher, nbytes
 from server.evaluation import Evaluator
 from server.population import NodePopulation, PartitionPopulation, Population
@@ -39,7 +40,7 @@ from server.validation import Screened, screen
 
 log = logging.getLogger("hybridfl.server")
 
-PopulationKind = str
+PopulationKind = Literal["partition", "nodes"]
 """``partition`` (simulation: devices from the data, nodes are slots) or ``nodes``."""
 
 
@@ -107,7 +108,7 @@ class ServerLoop:
             cfg, self.population, self.dispatcher, self.task, self.model, source.server_test()
         )
         self.recorder = Recorder(run_dir)
-        self.last_device_rows: list = []  # type: ignore[type-arg]
+        self.last_device_rows: list[DeviceRow] = []
 
     @property
     def last_metrics(self) -> dict[str, object]:
@@ -128,7 +129,7 @@ class ServerLoop:
     # -- the run -----------------------------------------------------------------
     def run(self) -> Arrays:
         self.recorder.start()
-        self.population.connect()  # type: ignore[attr-defined]
+        self.population.connect()
         pool = self.population.train_pool()
         if pool.size == 0:
             raise RunFailed(

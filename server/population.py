@@ -41,6 +41,10 @@ Route = tuple[int, list[int]]
 class Population(Protocol):
     size: int
 
+    def connect(self, wait_s: float = 120.0) -> None:
+        """Know the devices before round 1 (deployment: register them; simulation: the slots)."""
+        ...
+
     def train_pool(self) -> np.ndarray:
         """Device ids that may be selected for training (sorted; held-out excluded)."""
         ...

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.protocol import TrainReport
 from common.rows import DeviceIssue
 from common.weights import ArraySpec, validate_update
 from server.dispatch import Collected, PartialSum, TrainResult
@@ -33,7 +34,7 @@ class Screened:
         ids += [r.device for p in self.partials for r in p.reports if r.valid]
         return sorted(ids)
 
-    def reports(self) -> list:  # type: ignore[type-arg]
+    def reports(self) -> list[TrainReport]:
         out = [r.report for r in self.accepted]
         out += [r for p in self.partials for r in p.reports if r.valid]
         return sorted(out, key=lambda r: r.device)
