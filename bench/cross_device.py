@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -161,100 +160,38 @@ def floor_child(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------ (b) Flower app
 def flower_child(args: argparse.Namespace) -> dict[str, Any]:
     """Variant (b): the quickstart-style app, one virtual SuperNode per device."""
-    from common.rundir import read_jsonl
-    from simulation.flwr_cli import CONNECTION, RunnerError, flwr_env, free_port, run_status
-    from simulation.flwr_cli import wait_superlink as wait_healthy
-    from simulation.flwr_cli import write_connection as write_flower_config
-    from simulation.runner import ray_tmpdir
-
     work = Path(args.workdir).resolve()
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    flwr_home = work / "flwr_home"
-    port = free_port()
-    write_flower_config(flwr_home, f"127.0.0.1:{port}")
-    env = flwr_env(flwr_home, ray_tmpdir(work))
-    rounds_file = work / "rounds.jsonl"
     n = args.n_devices
     total_rounds = args.warmup + args.rounds
-    procs = Processes()
-    try:
-        link_log = logs / "superlink.log"
-        link = procs.start(
-            [
-                "flower-superlink", "--insecure", "--simulation",
-                "--isolation", "subprocess",
-                "--host", "127.0.0.1", "--port", str(port),
-                "--disable-runtime-dependency-installation",
-            ],
-            env,
-            link_log,
-            cwd=work,
-        )  # fmt: skip
-        wait_healthy(port, link, link_log)
-        run_config = " ".join(
-            [
-                f"num-server-rounds={total_rounds}",
-                f"fraction-train={args.per_round / n}",
-                f"min-train-nodes={args.per_round}",
-                f"learning-rate={LR}",
-                f"batch-size={BATCH_SIZE}",
-                f"local-epochs={LOCAL_EPOCHS}",
-                f"num-devices={n}",
-                f'data-path="{Path(args.data).resolve()}"',
-                f'partition-path="{Path(args.partition).resolve()}"',
-                f'rounds-file="{rounds_file}"',
-                "keep-personal=false",
-            ]
-        )
-        fed = f"num-supernodes={n} client-resources-num-cpus=1"
-        cmd = [
-            "flwr", "run", str(FLOWER_APP), CONNECTION,
-            "--run-config", run_config, "--federation-config", fed, "--format", "json",
-        ]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, check=False)
-        (logs / "flwr-run.log").write_text(out.stdout + out.stderr)
-        try:
-            run_id = int(json.loads(out.stdout[out.stdout.index("{") :])["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise RunnerError(f"flwr run failed:\n{(out.stdout + out.stderr)[-2000:]}") from None
-        procs.start(["flwr", "log", str(run_id), CONNECTION, "--stream"], env, logs / "run.log")
-        deadline = time.monotonic() + args.timeout
-        last_check = time.monotonic()
-        while len(read_jsonl(rounds_file)) < total_rounds:
-            if link.poll() is not None:
-                raise RunnerError(f"SuperLink exited (code {link.returncode}); see {link_log}")
-            if time.monotonic() > deadline:
-                raise RunnerError(
-                    f"{len(read_jsonl(rounds_file))} of {total_rounds} rounds done within "
-                    f"{args.timeout:.0f}s; see {logs}"
-                )
-            if time.monotonic() - last_check > 60:
-                last_check = time.monotonic()
-                status = run_status(run_id, env)
-                if status.startswith("finished"):
-                    raise RunnerError(f"run ended early with status {status}; see {logs}")
-            time.sleep(0.5)
-        status = "unknown"
-        while time.monotonic() < deadline:
-            status = run_status(run_id, env)
-            if status.startswith("finished"):
-                break
-            time.sleep(1.0)
-        rounds = [
-            {
-                "round": r["round"],
-                "train_s": float(r["end"]) - float(r["start"]),  # type: ignore[arg-type]
-                "start": r["start"],
-                "end": r["end"],
-                "replies": r["replies"],
-                "errors": r["errors"],
-            }
-            for r in read_jsonl(rounds_file)
-        ]
-        return {"status": status, "run_id": run_id, "rounds": rounds}
-    finally:
-        procs.stop_all()
+    run_config: dict[str, str | int | float | bool] = {
+        "num-server-rounds": total_rounds,
+        "fraction-train": args.per_round / n,
+        "min-train-nodes": args.per_round,
+        "learning-rate": LR,
+        "batch-size": BATCH_SIZE,
+        "local-epochs": LOCAL_EPOCHS,
+        "num-devices": n,
+        "data-path": str(Path(args.data).resolve()),
+        "partition-path": str(Path(args.partition).resolve()),
+        "rounds-file": str(work / "rounds.jsonl"),
+        "keep-personal": False,
+    }
+    fed = {"num-supernodes": n, "client-resources-num-cpus": 1}
+    status, run_id, rows = ro.drive_flower_app(
+        work, FLOWER_APP, run_config, fed, total_rounds, args.timeout
+    )
+    rounds = [
+        {
+            "round": r["round"],
+            "train_s": float(r["end"]) - float(r["start"]),
+            "start": r["start"],
+            "end": r["end"],
+            "replies": r["replies"],
+            "errors": r["errors"],
+        }
+        for r in rows
+    ]
+    return {"status": status, "run_id": run_id, "rounds": rounds}
 
 
 # ------------------------------------------------------------------ parent

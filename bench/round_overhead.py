@@ -295,8 +295,18 @@ def floor_child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ (b) Flower app
-def flower_child(args: argparse.Namespace) -> dict[str, Any]:
-    """Variant (b): the quickstart-style app under a fresh SuperLink (simulation mode)."""
+def drive_flower_app(
+    work: Path,
+    app: Path,
+    run_config: dict[str, str | int | float | bool],
+    federation: dict[str, str | int | float | bool],
+    total_rounds: int,
+    timeout_s: float,
+) -> tuple[str, int, list[dict[str, Any]]]:
+    """Run a Flower app under a fresh SuperLink in simulation mode until its rounds file
+    (``rounds-file`` in ``run_config``, one line per round) has ``total_rounds`` lines;
+    return (final status, run id, the rounds file's rows). Shared by the benchmarks'
+    quickstart-style variants (this file's and cross_device.py's)."""
     from common.rundir import read_jsonl
     from simulation.flwr_cli import (
         CONNECTION,
@@ -304,19 +314,19 @@ def flower_child(args: argparse.Namespace) -> dict[str, Any]:
         flwr_env,
         free_port,
         run_status,
+        submit,
+        wait_superlink,
+        write_connection,
     )
-    from simulation.flwr_cli import wait_superlink as wait_healthy
-    from simulation.flwr_cli import write_connection as write_flower_config
     from simulation.runner import ray_tmpdir
 
-    work = Path(args.workdir).resolve()
     logs = work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     flwr_home = work / "flwr_home"
     port = free_port()
-    write_flower_config(flwr_home, f"127.0.0.1:{port}")
+    write_connection(flwr_home, f"127.0.0.1:{port}")
     env = flwr_env(flwr_home, ray_tmpdir(work))
-    rounds_file = work / "rounds.jsonl"
+    rounds_file = Path(str(run_config["rounds-file"]))
     procs = Processes()
     try:
         link_log = logs / "superlink.log"
@@ -331,41 +341,22 @@ def flower_child(args: argparse.Namespace) -> dict[str, Any]:
             link_log,
             cwd=work,
         )  # fmt: skip
-        wait_healthy(port, link, link_log)
-        run_config = " ".join(
-            [
-                f"num-server-rounds={args.rounds}",
-                f"learning-rate={LR}",
-                f"batch-size={BATCH_SIZE}",
-                f"local-epochs={LOCAL_EPOCHS}",
-                f"num-devices={NUM_DEVICES}",
-                f'data-path="{Path(args.data).resolve()}"',
-                f'rounds-file="{rounds_file}"',
-                f"keep-personal={'true' if args.flower_state == 'personal' else 'false'}",
-            ]
-        )
-        fed = f"num-supernodes={NUM_DEVICES} client-resources-num-cpus={CPUS_PER_CLIENT}"
-        cmd = [
-            "flwr", "run", str(FLOWER_APP), CONNECTION,
-            "--run-config", run_config, "--federation-config", fed, "--format", "json",
-        ]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
-        (logs / "flwr-run.log").write_text(out.stdout + out.stderr)
-        try:
-            run_id = int(json.loads(out.stdout[out.stdout.index("{") :])["run-id"])
-        except (ValueError, KeyError, TypeError):
-            raise RunnerError(f"flwr run failed:\n{(out.stdout + out.stderr)[-2000:]}") from None
+        wait_superlink(port, link, link_log)
+        run_id = submit(app, env, logs / "flwr-run.log", run_config, federation)
         procs.start(["flwr", "log", str(run_id), CONNECTION, "--stream"], env, logs / "run.log")
         # Wait on the rounds file; ask the SuperLink for the status only once a minute
         # (to notice a crashed run): each `flwr ls` costs ~1 CPU-s, which a Flower user
         # following the run with `flwr run --stream` would not spend.
-        deadline = time.monotonic() + args.timeout
+        deadline = time.monotonic() + timeout_s
         last_check = time.monotonic()
-        while len(read_jsonl(rounds_file)) < args.rounds:
+        while len(read_jsonl(rounds_file)) < total_rounds:
             if link.poll() is not None:
                 raise RunnerError(f"SuperLink exited (code {link.returncode}); see {link_log}")
             if time.monotonic() > deadline:
-                raise RunnerError(f"rounds not done within {args.timeout}s")
+                raise RunnerError(
+                    f"{len(read_jsonl(rounds_file))} of {total_rounds} rounds done within "
+                    f"{timeout_s:.0f}s; see {logs}"
+                )
             if time.monotonic() - last_check > 60:
                 last_check = time.monotonic()
                 status = run_status(run_id, env)
@@ -378,26 +369,45 @@ def flower_child(args: argparse.Namespace) -> dict[str, Any]:
             if status.startswith("finished"):
                 break
             time.sleep(1.0)
-        rows = read_jsonl(rounds_file)
-        rounds, prev_end = [], None
-        for r in rows:
-            start, end = float(r["start"]), float(r["end"])  # type: ignore[arg-type]
-            rounds.append(
-                {
-                    "round": r["round"],
-                    "train_s": end - start,
-                    "start": start,
-                    "end": end,
-                    "cadence_s": None if prev_end is None else end - prev_end,
-                    "replies": r["replies"],
-                    "errors": r["errors"],
-                    "torch_threads": r["torch_threads"],
-                }
-            )
-            prev_end = end
-        return {"status": status, "run_id": run_id, "rounds": rounds}
+        return status, run_id, read_jsonl(rounds_file)  # type: ignore[return-value]
     finally:
         procs.stop_all()
+
+
+def flower_child(args: argparse.Namespace) -> dict[str, Any]:
+    """Variant (b): the quickstart-style app under a fresh SuperLink (simulation mode)."""
+    work = Path(args.workdir).resolve()
+    run_config: dict[str, str | int | float | bool] = {
+        "num-server-rounds": args.rounds,
+        "learning-rate": LR,
+        "batch-size": BATCH_SIZE,
+        "local-epochs": LOCAL_EPOCHS,
+        "num-devices": NUM_DEVICES,
+        "data-path": str(Path(args.data).resolve()),
+        "rounds-file": str(work / "rounds.jsonl"),
+        "keep-personal": args.flower_state == "personal",
+    }
+    fed = {"num-supernodes": NUM_DEVICES, "client-resources-num-cpus": CPUS_PER_CLIENT}
+    status, run_id, rows = drive_flower_app(
+        work, FLOWER_APP, run_config, fed, args.rounds, args.timeout
+    )
+    rounds, prev_end = [], None
+    for r in rows:
+        start, end = float(r["start"]), float(r["end"])
+        rounds.append(
+            {
+                "round": r["round"],
+                "train_s": end - start,
+                "start": start,
+                "end": end,
+                "cadence_s": None if prev_end is None else end - prev_end,
+                "replies": r["replies"],
+                "errors": r["errors"],
+                "torch_threads": r["torch_threads"],
+            }
+        )
+        prev_end = end
+    return {"status": status, "run_id": run_id, "rounds": rounds}
 
 
 # ------------------------------------------------------------------ parent
