@@ -1,10 +1,9 @@
 """Instructions out, replies in, one result per device out of each reply.
 
 A message goes to one Flower node and carries a cohort of devices (one, for a real
-device). At most ``max_in_flight`` messages are out at once (a sliding window: the
-SuperLink's simulation backend scans nodes x messages, and a bounded window keeps
-that scan small), and replies are pulled with a short adaptive poll instead of
-Flower's fixed 3 s ``send_and_receive`` sleep. A reply is decoded once; each
+device). ``server.pushpull`` sends them (at most ``max_in_flight`` out at once) and
+pulls replies with a short adaptive poll instead of Flower's fixed 3 s
+``send_and_receive`` sleep. A reply is decoded once; each
 device's report and arrays come out of it, and every device that was sent but not
 answered is accounted for as failed, with the reason.
 """
@@ -12,7 +11,6 @@ answered is accounted for as failed, with the reason.
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,11 +32,9 @@ from common.records import from_record, to_record
 from common.rows import DeviceIssue
 from common.weights import Arrays
 from server.population import Route
+from server.pushpull import push_pull
 
 log = logging.getLogger("hybridfl.server")
-
-POLL_MIN_S = 0.005
-POLL_MAX_S = 0.2
 
 
 @dataclass
@@ -149,32 +145,14 @@ class Dispatcher:
             for node, devices in routes
         )
         out = Collected(messages=len(pending))
-        in_flight: dict[str, list[int]] = {}
-        deadline = time.monotonic() + self.timeout_s
-        wait = POLL_MIN_S
-        grid = self.grid
-        while pending or in_flight:
-            room = self.max_in_flight - len(in_flight)
-            if pending and room > 0:
-                batch = [pending.popleft() for _ in range(min(room, len(pending)))]
-                ids = list(grid.push_messages([m for m, _ in batch]))  # type: ignore[attr-defined]
-                for msg_id, (_, devices) in zip(ids, batch, strict=True):
-                    in_flight[msg_id] = devices
-            replies = list(grid.pull_messages(list(in_flight)))  # type: ignore[attr-defined]
-            for reply in replies:
-                sent = in_flight.pop(reply.metadata.reply_to_message_id, None)
-                if sent is None:
-                    continue  # a late reply to a message given up on
-                _decode(reply, sent, kind, out)
-            if replies:
-                wait = POLL_MIN_S
-                continue
-            if time.monotonic() > deadline:
-                break
-            time.sleep(wait)
-            wait = min(POLL_MAX_S, wait * 2)
-        late = [d for devices in in_flight.values() for d in devices]
-        late += [d for _, devices in pending for d in devices]
+        late_routes = push_pull(
+            self.grid,
+            pending,
+            self.timeout_s,
+            self.max_in_flight,
+            lambda reply, sent: _decode(reply, sent, kind, out),
+        )
+        late = [d for devices in late_routes for d in devices]
         reason = f"no reply within strategy.round_timeout_s={self.timeout_s:g}"
         out.failed.extend(DeviceIssue(device=d, reason=reason) for d in late)
         out.failed.sort(key=lambda f: f.device)

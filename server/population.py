@@ -26,8 +26,10 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.protocol import CONFIG_KEY, REPORT_KEY, RoundInstructions
+from server.pushpull import push_pull
 
 log = logging.getLogger("hybridfl.server")
+HELLO = "query.hello"
 
 
 class PopulationError(RuntimeError):
@@ -146,18 +148,24 @@ class NodePopulation:
         return self.expected
 
     def _hello(self, nodes: list[int]) -> list[str]:
+        """Ask ``nodes`` who they are, all at once; the errors, one per node that failed.
+
+        Replies are pulled as they come (``push_pull``), not after Flower's fixed 3 s
+        sleep, so registering real devices costs what their answers take.
+        """
         record = ConfigRecord(self.hello_task.to_record_fields())
         msgs = [
-            Message(RecordDict({CONFIG_KEY: record}), dst_node_id=n, message_type="query.hello")
+            (Message(RecordDict({CONFIG_KEY: record}), dst_node_id=n, message_type=HELLO), n)
             for n in nodes
         ]
-        errors = []
-        for r in self.grid.send_and_receive(msgs, timeout=self.timeout_s):
+        errors: list[str] = []
+
+        def registered(r: Message, node: int) -> None:
             if r.has_error():
-                errors.append(f"node {r.metadata.src_node_id}: {r.error.reason}")
-                continue
+                errors.append(f"node {node}: {r.error.reason}")
+                return
             rec = r.content[REPORT_KEY]
-            dev, node = int(rec["device-id"]), r.metadata.src_node_id
+            dev = int(rec["device-id"])
             old = self.node_of.get(dev)
             if old is not None and old != node:
                 self.device_of.pop(old, None)
@@ -165,6 +173,9 @@ class NodePopulation:
             self.node_of[dev] = node
             self.device_of[node] = dev
             self.sizes[dev] = int(rec["num-train"])
+
+        silent = push_pull(self.grid, msgs, self.timeout_s, max(1, len(msgs)), registered)
+        errors += [f"node {n}: no answer to hello within {self.timeout_s:g}s" for n in silent]
         return errors
 
     def connect(self, wait_s: float = 120.0) -> None:

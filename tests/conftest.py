@@ -1,12 +1,14 @@
-"""Shared test helpers: the workplace's datasets, process-leak checks, and the one real
-simulation that the default run's end-to-end tests share.
+"""Shared test helpers: the workplace's datasets, process-leak checks, and the real
+runs that the default run's end-to-end tests share.
 
 The shared run (``served_run``, session scope) is one ``hybridfl simulate --serve``
 (``SERVED_RUN_SETS``): a real SuperLink, Ray workers, the ServerApp/ClientApp and the
 model server. Starting them costs ~20 s of a 2-core machine, so the test session
 starts them once, in the background as soon as collection shows that a selected test
 needs them, and several tests read what that run left: its exit code and output, its
-run folder, and one model fetched over HTTP while it was still training.
+run folder, and one model fetched over HTTP while it was still training. The one real
+deployment over TLS (``tls_deployment``, see ``tests/tls_deployment.py``) starts the
+same way.
 
 To add an end-to-end assertion, take ``served_run`` as a fixture and assert on those
 user-visible things (files in the run folder, CLI lines, the HTTP API), never on the
@@ -24,9 +26,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
@@ -35,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
     from client.fetch import FetchResult
+    from tests.tls_deployment import TlsDeployment
 
 REPO = Path(__file__).resolve().parents[1]
 HYBRIDFL = [sys.executable, "-m", "simulation.cli"]
@@ -209,36 +213,66 @@ class _ServedRunJob:
 
 
 SERVED_RUN_TIMEOUT_S = 600
-_served_job: _ServedRunJob | None = None
+
+
+class _Job(Protocol):
+    def result(self) -> Any: ...
+    def stop(self) -> None: ...
+
+
+def _job_kinds() -> dict[str, Callable[[Path], _Job]]:
+    """Session fixtures whose real processes start in the background at collection."""
+    from tests.tls_deployment import TlsDeploymentJob
+
+    return {"served_run": _ServedRunJob, "tls_deployment": TlsDeploymentJob}
+
+
+_jobs: dict[str, _Job] = {}
+
+
+def _start_job(name: str, root: Callable[[], Path]) -> _Job:
+    """The job ``name``, started in a new folder ``root()`` unless it already runs."""
+    if name not in _jobs:
+        _jobs[name] = _job_kinds()[name](root())
+    return _jobs[name]
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the shared run as soon as we know a selected test needs it.
+    """Start the shared real runs as soon as we know a selected test needs them.
 
-    Why in the background: it mostly waits on process start-ups (SuperLink, Ray,
-    ServerApp), so on 2 cores the unit tests collected before it run alongside
-    instead of after; ``served_run`` then just collects the result.
+    Why in the background: they mostly wait on process start-ups (SuperLink, Ray,
+    ServerApp, ClientApp processes), so on 2 cores the unit tests collected before
+    them run alongside instead of after; the fixture then just collects the result.
     """
-    global _served_job
     if session.config.option.collectonly:
         return
-    if _served_job is None and any(
-        "served_run" in getattr(item, "fixturenames", ()) for item in session.items
-    ):
-        factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's tmp_path root
-        root = factory.mktemp("served") if factory else Path(tempfile.mkdtemp(prefix="served-"))
-        _served_job = _ServedRunJob(Path(root))
+    wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's tmp_path root
+    for name in _job_kinds():
+        if name in wanted:
+
+            def root(name: str = name) -> Path:
+                return Path(factory.mktemp(name) if factory else tempfile.mkdtemp(prefix=name))
+
+            _start_job(name, root)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _served_job is not None:
-        _served_job.stop()
+    for job in _jobs.values():
+        job.stop()
 
 
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory: pytest.TempPathFactory) -> ServedRun:
     """One real ``hybridfl simulate --serve`` run, shared by the default e2e tests."""
-    global _served_job
-    if _served_job is None:  # selected in a way collection did not show
-        _served_job = _ServedRunJob(tmp_path_factory.mktemp("served"))
-    return _served_job.result()
+    job = _start_job("served_run", lambda: tmp_path_factory.mktemp("served_run"))
+    result: ServedRun = job.result()  # selected in a way collection did not show: started now
+    return result
+
+
+@pytest.fixture(scope="session")
+def tls_deployment(tmp_path_factory: pytest.TempPathFactory) -> TlsDeployment:
+    """One real deployment over TLS with node auth (``tests/tls_deployment.py``)."""
+    job = _start_job("tls_deployment", lambda: tmp_path_factory.mktemp("tls_deployment"))
+    result: TlsDeployment = job.result()
+    return result

@@ -26,10 +26,11 @@ from common.data import load_dataset
 from common.rows import RoundRow
 from common.rundir import STATE_DIR, prepare_run_dir, read_jsonl
 from server.registry import Registry
-from simulation.certs import device_key_pair, make_certs
-from simulation.deploy import Deployment, deploy, list_nodes
+from simulation.certs import make_certs
+from simulation.deploy import Deployment, deploy
 from simulation.runner import simulate
 from tests.conftest import accuracy, assert_no_leftovers, model_from
+from tests.tls_deployment import TlsDeployment
 
 HYBRIDFL = [sys.executable, "-m", "simulation.cli"]
 SMALL = [
@@ -86,40 +87,27 @@ def test_certs_command_writes_ca_server_cert_and_device_keys(tmp_path: Path) -> 
     assert (out / "device-0.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
 
 
-def test_tls_auth_two_rounds_and_an_unregistered_device_is_refused(tmp_path: Path) -> None:
+def test_tls_auth_two_rounds_and_an_unregistered_device_is_refused(
+    tls_deployment: TlsDeployment,
+) -> None:
     """A registered key joins and trains over TLS; a device with a foreign key cannot.
 
-    One device, one evaluation: in deployment every message starts a ClientApp process
-    (~5 s of CPU each), so this is the cheapest real deployment that still shows TLS,
-    node authentication, a cold start from the model server and state kept between
-    rounds. Several devices per deployment: the slow tests below.
+    The shared background deployment (``tests/tls_deployment.py``): one device, two
+    rounds, one evaluation, a cold start from the model server, and a rogue SuperNode
+    claiming to be device 0 with a key that was never registered.
     """
-    cfg = _cfg("partition.num_devices=1", "evaluation.every=2")
-    run_dir = (tmp_path / "run").resolve()
-    prepare_run_dir(cfg, run_dir)
-    certs = make_certs(run_dir / "certs", 1)
-    rogue_key = run_dir / "rogue.key"
-    device_key_pair(rogue_key, run_dir / "rogue.pub")
-    dep = Deployment(run_dir, certs)
-    try:
-        dep.start_superlink()
-        registered = dep.register([0])
-        dep.export_data([0])
-        dep.start_model_server()
-        rogue = dep.start_device(0, private_key=rogue_key)  # claims to be device 0
-        dep.start_device(0)
-        # Refused: the SuperLink does not activate an unregistered key; the SuperNode exits.
-        assert rogue.wait(timeout=60) != 0
-        status = dep.follow(dep.submit())
-        nodes = list_nodes(dep.env)
-    finally:
-        dep.stop()
+    run_dir, outcome = tls_deployment.run_dir, tls_deployment.outcome
+    assert outcome.error == "", outcome.error + tls_deployment.output[-2000:]
+    cfg = load_config(run_dir / "config.toml")
+    # Refused: the SuperLink does not activate an unregistered key; the SuperNode exits.
+    assert outcome.rogue_returncode not in (None, 0)
+    status = outcome.status
     assert status == "finished:completed", (run_dir / "logs" / "run.log").read_text()[-3000:]
     rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1, 2]
     for r in rows:
         assert r["num_updates"] == 1 and r["num_failed"] == 0
-    assert {int(n["node-id"]) for n in nodes} == set(registered.values())  # type: ignore[call-overload]
+    assert set(outcome.nodes) == set(outcome.registered.values()) and outcome.registered
     assert "Failed to activate SuperNode" in (run_dir / "logs" / "device-0.log").read_text()
     # The reported accuracies, recomputed here: the final model on the global test set,
     # and (cold start) the served version on the device's own test split.

@@ -8,7 +8,7 @@ model as one device per message; every knob a user sets is what devices train wi
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import get_args
 
@@ -175,6 +175,30 @@ def test_deployment_population_registers_every_device_or_says_who_is_missing(
     )
     with pytest.raises(PopulationError, match=r"3 of partition.num_devices=4.*missing \[3\]"):
         short.population.connect(wait_s=0.1)  # type: ignore[attr-defined]
+
+
+class _SilentNode(InProcessGrid):
+    """Device ``silent``'s node takes the message but never answers."""
+
+    def __init__(self, run_dir: Path, num_nodes: int, silent: int) -> None:
+        super().__init__(run_dir, num_nodes, devices=True)
+        self.silent = silent
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        got = super().pull_messages(message_ids)
+        return [r for r in got if self.nodes[r.metadata.src_node_id] != self.silent]
+
+
+def test_a_device_that_never_answers_hello_is_named_with_the_timeout(tmp_path: Path) -> None:
+    """Registration pulls replies as they come and gives up on a silent node after
+    ``strategy.round_timeout_s``, naming it; the others are registered."""
+    cfg, src = _setup(tmp_path, "strategy.round_timeout_s=0.3")
+    grid = _SilentNode(tmp_path, 4, silent=2)
+    loop = ServerLoop(grid, cfg, tmp_path, src, population="nodes")
+    with pytest.raises(PopulationError, match=r"missing \[2\]\).*node 1002: no answer to hello"):
+        loop.population.connect(wait_s=0.1)
+    assert sorted(loop.population.node_of) == [0, 1, 3]  # type: ignore[attr-defined]
+    assert [m.metadata.message_type for m in grid.sent] == ["query.hello"] * 4
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "fedavgm", "fedadam"])
