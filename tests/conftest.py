@@ -237,6 +237,13 @@ def _start_job(name: str, root: Callable[[], Path]) -> _Job:
     return _jobs[name]
 
 
+def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
+    """Tests that read a background run go last (stable order otherwise), so the unit
+    tests run while it runs instead of waiting for it halfway through the session."""
+    kinds = set(_job_kinds())
+    items.sort(key=lambda item: bool(kinds & set(getattr(item, "fixturenames", ()))))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start the shared real runs as soon as we know a selected test needs them.
 
