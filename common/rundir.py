@@ -43,6 +43,8 @@ COLD_START_FILE = "cold_start.jsonl"
 """First-join devices: the served model's accuracy on their own test split."""
 FLWR_HOME_DIR = "flwr_home"
 """The run's own ``FLWR_HOME`` (Flower config, SuperLink database, FABs)."""
+CHECKPOINT_DIR = "checkpoint"
+"""Per-round checkpoint (``server.checkpoint``): what ``hybridfl simulate --resume`` reads."""
 RAY_DIR = "ray"
 """The run's Ray temp folder (or a symlink to a short one, see ``runner.ray_tmpdir``)."""
 

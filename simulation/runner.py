@@ -79,6 +79,7 @@ def app_dir(run_dir: Path) -> Path:
         '[tool.flwr.app]\npublisher = "hybridfl"\n\n[tool.flwr.app.components]\n'
         'serverapp = "server.app:app"\nclientapp = "client.app:app"\n\n'
         '[tool.flwr.app.config]\nconfig = ""\nrun-dir = ""\npopulation = "partition"\n'
+        "resume = false\n"
     )
     return dst
 
