@@ -92,7 +92,12 @@ def ray_tmpdir(run_dir: Path) -> Path:
     leave a symlink to it in the run folder.
     """
     target = run_dir / RAY_DIR
-    if len(str(target.resolve())) <= 40:
+    if target.is_symlink():  # a resumed run: the short folder of its first start
+        short = target.resolve()
+        if len(str(short)) <= 40:
+            short.mkdir(parents=True, exist_ok=True)
+            return short
+    elif len(str(target.resolve())) <= 40:
         target.mkdir(parents=True, exist_ok=True)
         return target
     short = Path(tempfile.mkdtemp(prefix="hfl-ray-"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -44,6 +45,21 @@ def test_resume_refuses_another_config_naming_the_keys(tmp_path: Path) -> None:
 def test_resume_refuses_a_folder_that_is_not_a_run(tmp_path: Path) -> None:
     proc = hybridfl("simulate", "--resume", str(tmp_path))
     assert_clean_error(proc, 2, "no config.toml there")
+
+
+def test_a_resumed_run_gets_its_short_ray_folder_again(tmp_path: Path) -> None:
+    """Ray's socket paths are limited to 107 bytes: a long run folder links ``ray`` to a
+    short folder, and a resumed run must use that folder, not the long path through it."""
+    from simulation.runner import ray_tmpdir
+
+    run_dir = tmp_path / ("x" * 60)
+    run_dir.mkdir()
+    first = ray_tmpdir(run_dir)
+    try:
+        assert len(str(first)) <= 40
+        assert ray_tmpdir(run_dir) == first
+    finally:
+        shutil.rmtree(first, ignore_errors=True)
 
 
 def _simulate(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
