@@ -218,13 +218,16 @@ class Aggregator:
 
         Flower keeps it in attributes: FedOpt's moments ``m_t``/``v_t`` (FedAdam,
         FedYogi, FedAdagrad; its ``current_arrays`` is reset from the global model in
-        every ``configure_train``), FedAvgM's ``current_arrays`` (float64, not the
-        float32 global model) and ``momentum_vector`` (a list in that record's key
-        order). Names are ``<attribute>/<position>/<key>`` so order survives a
+        every ``configure_train``, so not saved), FedAvgM's ``current_arrays`` (set
+        once, then its own aggregate: equal to the global model for float32 models,
+        kept anyway since Flower owns it) and ``momentum_vector`` (a list in that
+        record's key order). Names are ``<attribute>/<position>/<key>`` so order survives a
         round trip. The other strategies keep nothing.
         """
         out: Arrays = {}
         for attr in STATE_ATTRS:
+            if attr == "current_arrays" and not isinstance(self.strategy, FedAvgM):
+                continue  # FedOpt's: set from the global model by every configure_train
             value = getattr(self.strategy, attr, None)
             if isinstance(value, ArrayRecord):
                 items = [(k, a.numpy()) for k, a in value.items()]

@@ -53,6 +53,7 @@ VARIANTS = {
     "fedadam": ['strategy.name="fedadam"'],
     "ditto": ['client.algorithm="ditto"'],
     # The default run's second variant: FedAdam's moments and Ditto's personal state at once.
+    "fedavgm": ['strategy.name="fedavgm"'],  # server momentum
     "fedadam-ditto": ['strategy.name="fedadam"', 'client.algorithm="ditto"'],
 }
 
@@ -130,14 +131,18 @@ POINTS = [
     "checkpoint-arrays",  # during the checkpoint write: arrays stored, not committed
     "checkpoint-commit",  # the commit's temp file written, not renamed
 ]
-CASES = [  # the default run: crashes in a row (a resumed run crashes again), two variants
-    ("fedavg", ["round-trained@2", "publish-manifest@2", "write-metrics.jsonl@3"]),
-    ("fedadam-ditto", ["checkpoint-commit@1", "round-trained@2", "checkpoint-arrays@3"]),
-] + [  # slow: every point alone for FedAvg, FedAdam and Ditto, at rounds 1-3
-    pytest.param(n, [f"{p}@{1 + (i + j) % ROUNDS}"], marks=pytest.mark.slow)
-    for i, n in enumerate(["fedavg", "fedadam", "ditto"])
-    for j, p in enumerate(POINTS)
-]
+CASES = (
+    [  # the default run: crashes in a row (a resumed run crashes again), two variants
+        ("fedavg", ["round-trained@2", "publish-manifest@2", "write-metrics.jsonl@3"]),
+        ("fedadam-ditto", ["checkpoint-commit@1", "round-trained@2", "checkpoint-arrays@3"]),
+    ]
+    + [  # slow: every point alone for FedAvg, FedAdam and Ditto, at rounds 1-3
+        pytest.param(n, [f"{p}@{1 + (i + j) % ROUNDS}"], marks=pytest.mark.slow)
+        for i, n in enumerate(["fedavg", "fedadam", "ditto"])
+        for j, p in enumerate(POINTS)
+    ]
+    + [pytest.param("fedavgm", ["round-trained@3"], marks=pytest.mark.slow)]
+)
 
 
 @pytest.mark.parametrize(("name", "points"), CASES)
