@@ -25,6 +25,7 @@ from common.rundir import (
     CONFIG_FILE,
     FAILURE_FILE,
     PARTITION_STATS_FILE,
+    SUMMARY_FILE,
     config_differences,
     prepare_run_dir,
 )
@@ -213,7 +214,8 @@ def prepare_resume(
         ck = rewind(run_dir)
     except (ResumeError, RewindError) as err:
         fail(f"--resume {run_dir}: {err}")
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)
+    for name in (FAILURE_FILE, SUMMARY_FILE):  # the end markers the CLI waits for
+        (run_dir / name).unlink(missing_ok=True)
     stats_file = run_dir / PARTITION_STATS_FILE
     stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
     return Prepared(cfg, run_dir, stats), 0 if ck is None else ck.round
