@@ -189,3 +189,36 @@ def test_other_bytes_for_a_published_round_are_refused(tmp_path: Path) -> None:
     assert registry.count() == 1
     with pytest.raises(RegistryError, match="round 1 is already published as version 0"):
         registry.publish(model_arrays(2), round=1, model=SPEC)
+
+
+def test_rollback_restores_the_checkpointed_generation(tmp_path: Path) -> None:
+    """A device that trained after the checkpoint gets its earlier state back; one that
+    had none loses the file; one untouched since keeps it; running it twice is a no-op."""
+    import numpy as np
+
+    from client.state import PersonalState, PersonalStateStore
+
+    store = PersonalStateStore(tmp_path)
+
+    def save(device: int, round_: int) -> None:
+        arrays = {"w": np.full(3, round_, np.float32)}
+        store.save(device, PersonalState(arrays, {"last_round": round_}), durable=False)
+
+    save(0, 1)
+    save(0, 3)  # trained again in the lost round 3
+    save(1, 3)  # first trained in the lost round 3
+    save(2, 1)
+    save(2, 2)  # trained in round 2 (checkpointed)
+    (tmp_path / ".tmp-device-000002.safetensors.x").write_bytes(b"killed mid-write")
+    assert store.rollback(2) == [0, 1]
+    assert store.rollback(2) == []
+    state0, state2 = store.load(0), store.load(2)
+    assert state0 is not None and state0.meta["last_round"] == 1
+    assert state2 is not None and state2.meta["last_round"] == 2
+    np.testing.assert_array_equal(state0.arrays["w"], np.full(3, 1, np.float32))
+    assert store.load(1) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "device-000000.safetensors",
+        "device-000002.safetensors",
+        "device-000002.safetensors.prev",
+    ]
