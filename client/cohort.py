@@ -17,7 +17,7 @@ from client.algorithms import get_algorithm
 from client.coldstart import cold_start_metrics
 from client.measure import evaluate_models
 from client.runtime import DeviceEnv, device_data, device_store, model_for
-from client.state import StateCorruptError
+from client.state import ROUND_KEY, StateCorruptError
 from common.protocol import CohortReply, DeviceFailure, EvalReport, RoundInstructions, TrainReport
 from common.seeding import torch_generator
 from common.weights import Arrays
@@ -52,11 +52,11 @@ def train_device(
         kept = store.quarantine(device, task.round)
         reset = f"personal state unreadable ({str(err)[:120]}); kept as {kept.name}"
         state = None
-    if state is not None and int(state.meta.get("last_round", -1)) >= task.round:
+    if state is not None and int(state.meta.get(ROUND_KEY, -1)) >= task.round:
         # A message the server already gave up on (e.g. delivered after a restart):
         # training on it would overwrite newer personal state.
         raise StaleRoundError(
-            f"device {device} already trained in round {state.meta['last_round']}; "
+            f"device {device} already trained in round {state.meta[ROUND_KEY]}; "
             f"ignoring the late message for round {task.round}"
         )
     # First join of a real device (no personal state yet): what the served model gives.
@@ -67,7 +67,7 @@ def train_device(
     )
     gen = torch_generator(task.seed, "train", task.round, device)
     update = algo.client_update(model_for(task.model_spec), global_arrays, state, data, task, gen)
-    update.state.meta["last_round"] = task.round
+    update.state.meta[ROUND_KEY] = task.round
     store.save(device, update.state, durable=task.durable_state)
     m = update.metrics
     report = TrainReport(

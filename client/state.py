@@ -6,7 +6,9 @@ memory grows with devices x model size. A file per device keeps memory flat in
 the number of devices and mirrors a real device's own storage.
 
 A device's state is one safetensors file (arrays plus a small JSON metadata
-string), replaced atomically: a crash mid-write leaves the previous state.
+string), replaced atomically: a crash mid-write leaves the previous state. Each
+save keeps the generation it replaces, so a resumed run can undo a round lost in
+a crash (``common.state_files``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,18 @@ import numpy as np
 from safetensors import SafetensorError
 
 from common.atomic import atomic_write_bytes
+from common.state_files import (
+    META_KEY,
+    ROUND_KEY,
+    StateCorruptError,
+    keep_previous,
+    read_meta,
+    rollback,
+    state_path,
+)
 from common.weights import from_safetensors, to_safetensors
 
-_META_KEY = "hybridfl"
+__all__ = ["ROUND_KEY", "PersonalState", "PersonalStateStore", "StateCorruptError"]
 
 
 @dataclass
@@ -32,10 +43,6 @@ class PersonalState:
     meta: dict[str, float | int | str] = field(default_factory=dict)
 
 
-class StateCorruptError(RuntimeError):
-    """A state file exists but cannot be read (disk corruption, foreign file)."""
-
-
 class PersonalStateStore:
     """Per-device state files under ``root`` (``device-<id>.safetensors``)."""
 
@@ -44,7 +51,7 @@ class PersonalStateStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, device_id: int) -> Path:
-        return self.root / f"device-{int(device_id):06d}.safetensors"
+        return state_path(self.root, device_id)
 
     def load(self, device_id: int) -> PersonalState | None:
         """The device's state, or None for a device that has never trained."""
@@ -55,7 +62,7 @@ class PersonalStateStore:
             return None
         try:
             arrays = from_safetensors(blob)
-            meta = json.loads(_read_metadata(blob).get(_META_KEY, "{}"))
+            meta = json.loads(_read_metadata(blob).get(META_KEY, "{}"))
         except (SafetensorError, ValueError) as err:
             raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
         return PersonalState(arrays=arrays, meta=meta)
@@ -73,25 +80,20 @@ class PersonalStateStore:
         Reads the safetensors header, not the weights: for algorithms that train from
         the global model alone, reading a whole stored model per device was wasted I/O.
         """
-        p = self.path(device_id)
-        try:
-            with p.open("rb") as f:
-                head = f.read(8)
-                header_len = int.from_bytes(head, "little") if len(head) == 8 else -1
-                if not 0 < header_len < 100_000_000:
-                    raise ValueError(f"implausible header length {header_len}")
-                header = json.loads(f.read(header_len))
-            meta = json.loads(dict(header.get("__metadata__", {})).get(_META_KEY, "{}"))
-        except FileNotFoundError:
-            return None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise StateCorruptError(f"personal state {p} is unreadable: {err}") from err
-        return PersonalState(arrays={}, meta=meta)
+        meta = read_meta(self.path(device_id))
+        return None if meta is None else PersonalState(arrays={}, meta=meta)
 
     def save(self, device_id: int, state: PersonalState, *, durable: bool = True) -> None:
-        """Write atomically (temp file, rename); ``durable`` adds the fsyncs."""
-        blob = to_safetensors(state.arrays, metadata={_META_KEY: json.dumps(state.meta)})
-        atomic_write_bytes(self.path(device_id), blob, durable=durable)
+        """Write atomically (temp file, rename), keeping the replaced generation;
+        ``durable`` adds the fsyncs."""
+        blob = to_safetensors(state.arrays, metadata={META_KEY: json.dumps(state.meta)})
+        path = self.path(device_id)
+        keep_previous(path)
+        atomic_write_bytes(path, blob, durable=durable)
+
+    def rollback(self, round_: int) -> list[int]:
+        """Undo every state saved after ``round_`` (see ``common.state_files.rollback``)."""
+        return rollback(self.root, round_)
 
 
 def _read_metadata(blob: bytes) -> dict[str, str]:

@@ -43,6 +43,8 @@ COLD_START_FILE = "cold_start.jsonl"
 """First-join devices: the served model's accuracy on their own test split."""
 FLWR_HOME_DIR = "flwr_home"
 """The run's own ``FLWR_HOME`` (Flower config, SuperLink database, FABs)."""
+CHECKPOINT_DIR = "checkpoint"
+"""Per-round checkpoint (``server.checkpoint``): what ``hybridfl simulate --resume`` reads."""
 RAY_DIR = "ray"
 """The run's Ray temp folder (or a symlink to a short one, see ``runner.ray_tmpdir``)."""
 
@@ -53,9 +55,7 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
     A relative ``data.path`` is resolved against the current directory here, once:
     the SuperLink, the ServerApp and the Ray workers all run elsewhere.
     """
-    if cfg.data.path and not Path(cfg.data.path).is_absolute():
-        data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})
-        cfg = cfg.model_copy(update={"data": data})
+    cfg = resolved(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
     if cfg.data.dataset == "synthetic":
@@ -68,6 +68,32 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
     stats = partition_stats(dataset, partition)
     atomic_write_text(run_dir / PARTITION_STATS_FILE, json.dumps(stats, indent=1) + "\n")
     return stats
+
+
+def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` as a run folder stores it: a relative ``data.path`` made absolute."""
+    if cfg.data.path and not Path(cfg.data.path).is_absolute():
+        data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})
+        cfg = cfg.model_copy(update={"data": data})
+    return cfg
+
+
+def config_differences(run: ExperimentConfig, given: ExperimentConfig) -> list[str]:
+    """``key: run X, given Y`` for every dotted key whose value differs (for ``--resume``)."""
+
+    def flat(d: dict[str, object], prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out |= flat(v, f"{prefix}{k}.")
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(run.model_dump()), flat(resolved(given).model_dump())
+    return [
+        f"{k}: run {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(a | b) if a.get(k) != b.get(k)
+    ]
 
 
 def synthetic_stats(cfg: ExperimentConfig) -> dict[str, object]:

@@ -19,7 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
     FedAdagrad,
@@ -210,6 +211,60 @@ class Aggregator:
         if arrays is None:
             raise AggregationError(f"round {round_}: the strategy produced no aggregate")
         return from_record(arrays)
+
+    # -- state across rounds (checkpoints) ------------------------------------------
+    def state(self) -> Arrays:
+        """What the strategy carries from one round to the next, as named arrays.
+
+        Flower keeps it in attributes: FedOpt's moments ``m_t``/``v_t`` (FedAdam,
+        FedYogi, FedAdagrad; its ``current_arrays`` is reset from the global model in
+        every ``configure_train``, so not saved), FedAvgM's ``current_arrays`` (set
+        once, then its own aggregate: equal to the global model for float32 models,
+        kept anyway since Flower owns it) and ``momentum_vector`` (a list in that
+        record's key order). Names are ``<attribute>/<position>/<key>`` so order survives a
+        round trip. The other strategies keep nothing.
+        """
+        out: Arrays = {}
+        for attr in STATE_ATTRS:
+            if attr == "current_arrays" and not isinstance(self.strategy, FedAvgM):
+                continue  # FedOpt's: set from the global model by every configure_train
+            value = getattr(self.strategy, attr, None)
+            if isinstance(value, ArrayRecord):
+                items = [(k, a.numpy()) for k, a in value.items()]
+            elif isinstance(value, dict):
+                items = list(value.items())
+            elif isinstance(value, list):
+                items = [("", v) for v in value]
+            else:
+                continue
+            out.update({f"{attr}/{i:06d}/{k}": np.asarray(v) for i, (k, v) in enumerate(items)})
+        return out
+
+    def load_state(self, arrays: Arrays) -> None:
+        """Put back what ``state`` returned (the strategy as it was after that round)."""
+        grouped: dict[str, list[tuple[str, str, np.ndarray]]] = {}
+        for name, v in arrays.items():
+            attr, pos, key = name.split("/", 2)
+            grouped.setdefault(attr, []).append((pos, key, v))
+        for attr in STATE_ATTRS:
+            if not hasattr(self.strategy, attr):
+                continue
+            items = [(k, v) for _, k, v in sorted(grouped.get(attr, []), key=lambda t: t[0])]
+            if not items:
+                setattr(self.strategy, attr, None)
+            elif attr == "momentum_vector":
+                setattr(self.strategy, attr, [v for _, v in items])
+            elif attr == "current_arrays" and isinstance(self.strategy, FedAvgM):
+                setattr(self.strategy, attr, ArrayRecord({k: Array(v) for k, v in items}))
+            else:
+                setattr(self.strategy, attr, dict(items))
+        unknown = sorted(set(grouped) - set(STATE_ATTRS))
+        if unknown:
+            raise AggregationError(f"checkpoint holds strategy state {unknown} this build lacks")
+
+
+STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
+"""Attributes in which Flower's strategies keep state between rounds (see ``state``)."""
 
 
 def partial_mean(sums: Arrays, weight_total: float) -> Arrays:

@@ -45,6 +45,8 @@ app = ServerApp()
 POPULATION_KEY = "population"
 """Run-config key: ``partition`` (simulation: devices come from the data, Flower nodes
 are execution slots) or ``nodes`` (deployment: one registered SuperNode per device)."""
+RESUME_KEY = "resume"
+"""Run-config key: true to continue the run folder's run from its last checkpoint."""
 
 
 def resolve_run_dir(run_config: dict[str, object]) -> Path:
@@ -102,21 +104,22 @@ def registry_publisher(
     return publish
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    run_dir = resolve_run_dir(dict(context.run_config))
+def run_experiment(
+    grid: Grid, run_dir: Path, population: str = "partition", resume: bool = False
+) -> None:
+    """The whole server side of a run in a prepared run folder: rounds, final model,
+    summary; ``failure.json`` with the cause when it fails."""
     t0 = time.perf_counter()
     try:
         (run_dir / FAILURE_FILE).unlink(missing_ok=True)
         cfg = load_config(run_dir / CONFIG_FILE)
         source = open_source(cfg, run_dir / PARTITION_FILE)
-        population = str(context.run_config.get(POPULATION_KEY, "") or "partition")
         if population not in ("partition", "nodes"):
             raise ValueError(
                 f"run config '{POPULATION_KEY}' = {population!r}: use 'partition' "
                 "(simulation) or 'nodes' (one SuperNode per device)"
             )
-        loop = ServerLoop(grid, cfg, run_dir, source, population=population)  # type: ignore[arg-type]
+        loop = ServerLoop(grid, cfg, run_dir, source, population=population, resume=resume)  # type: ignore[arg-type]
         loop.on_version = registry_publisher(
             run_dir, loop.spec, cfg.rounds, cfg.output.publish_every
         )
@@ -135,3 +138,12 @@ def main(grid: Grid, context: Context) -> None:
         }
         atomic_write_text(run_dir / FAILURE_FILE, json.dumps(failure, indent=1) + "\n")
         raise
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = dict(context.run_config)
+    run_dir = resolve_run_dir(config)
+    population = str(config.get(POPULATION_KEY, "") or "partition")
+    resume = str(config.get(RESUME_KEY, "")).lower() in ("true", "1")
+    run_experiment(grid, run_dir, population, resume)

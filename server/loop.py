@@ -22,6 +22,7 @@ from typing import Literal
 import numpy as np
 
 from common.config import ExperimentConfig
+from common.crashpoint import crash_point
 from common.data import DeviceSource
 from common.models import ModelSpec, build_model
 from common.personalization import shared_keys
@@ -30,6 +31,7 @@ from common.rows import ColdStart, DeviceIssue, Distribution, RoundCost, RoundRo
 from common.seeding import derive_seed
 from common.weights import Arrays, ArraySpec, model_to_arrays, spec_of, validate_update
 from server.aggregation import Aggregator, partial_mean
+from server.checkpoint import save_checkpoint, start
 from server.device_summary import DeviceRow, holdout_devices
 from server.dispatch import Dispatcher, nbytes
 from server.evaluation import Evaluator
@@ -62,8 +64,10 @@ class ServerLoop:
         source: DeviceSource,
         on_version: OnVersion | None = None,
         population: PopulationKind = "partition",
+        resume: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.resume = resume
         self.run_dir = run_dir
         self.on_version = on_version
         self.spec = ModelSpec(
@@ -128,7 +132,7 @@ class ServerLoop:
 
     # -- the run -----------------------------------------------------------------
     def run(self) -> Arrays:
-        self.recorder.start()
+        first = start(self, self.resume)
         self.population.connect()
         pool = self.population.train_pool()
         if pool.size == 0:
@@ -136,10 +140,12 @@ class ServerLoop:
                 f"no device may train: all {self.population.size} are held out "
                 "(lower evaluation.holdout_fraction)"
             )
-        if self.on_version:
-            self.on_version(0, self.global_arrays, {})
+        if first == 1:
+            if self.on_version:
+                self.on_version(0, self.global_arrays, {})
+            save_checkpoint(self, 0)
         t_start = time.perf_counter()
-        for rnd in range(1, self.cfg.rounds + 1):
+        for rnd in range(first, self.cfg.rounds + 1):
             t0 = time.perf_counter()
             self.population.refresh()
             chosen = self.selection.select(rnd, self.population.train_pool())
@@ -167,6 +173,7 @@ class ServerLoop:
                 device_train_s=Distribution.of(device_s) if device_s else None,
             )
             self.recorder.round(row, timing)
+            save_checkpoint(self, rnd)
         return self.global_arrays
 
     def train_round(
@@ -183,6 +190,7 @@ class ServerLoop:
             lambda ds: self.task(round_, ds),
             self.global_arrays,
         )
+        crash_point("round-trained", round_)
         ok = screen(got, self.expected, self.shared, self.population.num_examples)
         self._require_enough(round_, chosen, ok, got.failed)
         self.global_arrays.update(self._aggregate(round_, ok))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import TMP_PREFIX, atomic_write_bytes
+from common.crashpoint import crash_point
 from common.manifest import ALIASES, VersionManifest, model_manifest
 
 if TYPE_CHECKING:
@@ -442,6 +443,9 @@ class Registry:
         with self._writer_lock():
             existing = self.version_numbers()
             self._repair_latest(existing)
+            again = self._already_published(existing, round, sha)
+            if again is not None:
+                return again
             version = existing[-1] + 1 if existing else 0
             parent = existing[-1] if existing else None
 
@@ -449,6 +453,7 @@ class Registry:
             if not self._blob_intact(path, sha, len(blob)):
                 _write_atomic(path, blob, stage="blob-temp-written")
             _checkpoint("blob-committed")
+            crash_point("publish-blob", round)
             with contextlib.suppress(FileNotFoundError):
                 self._remember(path, path.stat(), "")
 
@@ -466,8 +471,33 @@ class Registry:
                 target, manifest.model_dump_json(indent=2).encode(), stage="manifest-temp-written"
             )
             _checkpoint("manifest-committed")
+            crash_point("publish-manifest", round)
             self._move_with_latest(version)
         return manifest
+
+    def _already_published(
+        self, existing: list[int], round_: int, sha: str
+    ) -> VersionManifest | None:
+        """The version holding exactly these bytes for ``round_``, if there is one.
+
+        A resumed run re-publishes the round it lost in a crash: the same bytes are the
+        same version (nothing registered twice); other bytes for a published round mean
+        the run did not reproduce itself, which is an error, never a silent new version.
+        Versions ascend with rounds, so only the newest few are read.
+        """
+        for v in reversed(existing):
+            m = self.get(v)
+            if m.round < round_:
+                return None
+            if m.round == round_:
+                if m.sha256 != sha:
+                    raise RegistryError(
+                        f"round {round_} is already published as version {v} with other "
+                        f"bytes (sha256 {m.sha256[:12]}..., now {sha[:12]}...): a resumed run "
+                        "must reproduce the rounds it repeats (same config, same seed)"
+                    )
+                return m
+        return None
 
     def set_alias(self, name: str, version: int | None, *, pinned: bool = True) -> AliasState:
         """Point alias ``name`` at ``version`` (promotion or rollback).

@@ -17,11 +17,13 @@ from common.rundir import LOG_DIR, REGISTRY_DIR, SUMMARY_FILE
 from simulation import typer_compat
 from simulation.cli_common import (
     SetOpt,
+    check_resources,
     echo,
     exit_interrupted,
     fail,
     port_option,
     prepare,
+    prepare_resume,
     signals_as_interrupt,
 )
 from simulation.report import report
@@ -76,6 +78,14 @@ def simulate(
     ] = False,
     host: Annotated[str, typer.Option(help="Model server address (with --serve).")] = "127.0.0.1",
     port: Annotated[int, port_option("Model server port, 1-65535 (0: a free one).")] = 0,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the run in this folder from its last checkpoint (after a crash); "
+            "CONFIG and --set, if given, must match the run's config.",
+        ),
+    ] = None,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
     from common.rows import RoundRow, TimingRow
@@ -90,7 +100,12 @@ def simulate(
             check_port_free(host, port)
         except RunnerError as err:
             fail(str(err))
-    prep = prepare(config, set_ or [], out, check=True)
+    done = 0
+    if resume is not None:
+        prep, done = prepare_resume(resume, config, set_ or [], out)
+        check_resources(prep.cfg)
+    else:
+        prep = prepare(config, set_ or [], out, check=True)
     cfg, run_dir, stats = prep.cfg, prep.run_dir, prep.stats
     s = stats.get("summary", {})
     assert isinstance(s, dict)
@@ -104,6 +119,8 @@ def simulate(
         f"{cfg.client.algorithm}, {cfg.rounds} rounds\n"
         f"{evaluation_plan(cfg)}"
     )
+    if resume is not None:
+        echo(f"resuming after round {done} of {cfg.rounds} (its checkpoint)")
 
     def on_round(row: RoundRow, timing: TimingRow | None) -> None:
         echo(progress_line(row, timing, cfg.rounds))
@@ -116,7 +133,7 @@ def simulate(
 
             server = start_model_server(run_dir, host, port)
             echo(f"model server: {server.url} (e.g. hybridfl fetch {server.url})")
-        result = run_sim(cfg, run_dir, on_round=on_round)
+        result = run_sim(cfg, run_dir, on_round=on_round, resume=resume is not None)
     except RunnerError as err:
         fail(str(err), code=1)
     except KeyboardInterrupt as err:

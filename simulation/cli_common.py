@@ -7,6 +7,7 @@ and neither should import the other for them.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,7 +21,14 @@ import typer
 
 from common.config import ConfigError, ExperimentConfig, load_config
 from common.data import DataError
-from common.rundir import prepare_run_dir
+from common.rundir import (
+    CONFIG_FILE,
+    FAILURE_FILE,
+    PARTITION_STATS_FILE,
+    SUMMARY_FILE,
+    config_differences,
+    prepare_run_dir,
+)
 
 SetOpt = Annotated[
     list[str] | None,
@@ -170,6 +178,49 @@ def prepare(
     return Prepared(cfg, run_dir, stats)
 
 
+def prepare_resume(
+    run_dir: Path, config: Path | None, overrides: list[str], out: Path | None
+) -> tuple[Prepared, int]:
+    """A crashed run's folder, checked and put back to its last checkpoint; the rounds
+    already done. Exit 2 naming the problem (another config: the keys that differ).
+
+    ``CONFIG`` and ``--set`` are optional: given, they must resolve to the run's own
+    config (``--set`` alone applies to the run's config), so a changed experiment is
+    never silently continued.
+    """
+    from server.checkpoint import ResumeError, rewind
+    from server.recording import RewindError
+
+    if out is not None:
+        fail(f"--resume {run_dir} continues that folder: leave out --out {out}")
+    run_dir = run_dir.resolve()
+    stored = run_dir / CONFIG_FILE
+    if not stored.is_file():
+        fail(f"--resume {run_dir}: no {CONFIG_FILE} there; is it a hybridfl run folder?")
+    try:
+        cfg = load_config(stored)
+        if config is not None or overrides:
+            given = load_config(config or stored, overrides)
+            diff = config_differences(cfg, given)
+            if diff:
+                fail(
+                    f"--resume {run_dir}: the config differs from the run's in "
+                    f"{len(diff)} key(s): {'; '.join(diff[:8])}. Resume with the run's own "
+                    "config (leave out CONFIG and --set), or start a new run"
+                )
+    except ConfigError as err:
+        fail(str(err))
+    try:
+        ck = rewind(run_dir)
+    except (ResumeError, RewindError) as err:
+        fail(f"--resume {run_dir}: {err}")
+    for name in (FAILURE_FILE, SUMMARY_FILE):  # the end markers the CLI waits for
+        (run_dir / name).unlink(missing_ok=True)
+    stats_file = run_dir / PARTITION_STATS_FILE
+    stats = json.loads(stats_file.read_text()) if stats_file.is_file() else {}
+    return Prepared(cfg, run_dir, stats), 0 if ck is None else ck.round
+
+
 __all__ = [
     "Interrupted",
     "Prepared",
@@ -182,6 +233,7 @@ __all__ = [
     "new_run_dir",
     "port_option",
     "prepare",
+    "prepare_resume",
     "signals_as_interrupt",
     "warn",
 ]

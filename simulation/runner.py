@@ -79,6 +79,7 @@ def app_dir(run_dir: Path) -> Path:
         '[tool.flwr.app]\npublisher = "hybridfl"\n\n[tool.flwr.app.components]\n'
         'serverapp = "server.app:app"\nclientapp = "client.app:app"\n\n'
         '[tool.flwr.app.config]\nconfig = ""\nrun-dir = ""\npopulation = "partition"\n'
+        "resume = false\n"
     )
     return dst
 
@@ -91,7 +92,12 @@ def ray_tmpdir(run_dir: Path) -> Path:
     leave a symlink to it in the run folder.
     """
     target = run_dir / RAY_DIR
-    if len(str(target.resolve())) <= 40:
+    if target.is_symlink():  # a resumed run: the short folder of its first start
+        short = target.resolve()
+        if len(str(short)) <= 40:
+            short.mkdir(parents=True, exist_ok=True)
+            return short
+    elif len(str(target.resolve())) <= 40:
         target.mkdir(parents=True, exist_ok=True)
         return target
     short = Path(tempfile.mkdtemp(prefix="hfl-ray-"))
@@ -115,7 +121,12 @@ class RunResult:
 
 
 def submit_simulation(
-    app: Path, run_dir: Path, cfg: ExperimentConfig, env: dict[str, str], log: Path
+    app: Path,
+    run_dir: Path,
+    cfg: ExperimentConfig,
+    env: dict[str, str],
+    log: Path,
+    resume: bool = False,
 ) -> int:
     """``flwr run`` in simulation mode: the run id.
 
@@ -131,7 +142,12 @@ def submit_simulation(
     }
     if sim.max_workers > 0 and not sim.ray_address:
         fed["init-args-num-cpus"] = sim.max_workers
-    return submit(app, env, log, {"run-dir": str(run_dir), "population": "partition"}, fed)
+    rc: dict[str, str | int | float | bool] = {
+        "run-dir": str(run_dir),
+        "population": "partition",
+        "resume": resume,
+    }
+    return submit(app, env, log, rc, fed)
 
 
 ProgressFn = Callable[[RoundRow, TimingRow | None], None]
@@ -237,8 +253,10 @@ def simulate(
     run_dir: Path,
     on_round: ProgressFn | None = None,
     poll_s: float = 0.5,
+    resume: bool = False,
 ) -> RunResult:
-    """Run a prepared run folder under a fresh SuperLink in simulation mode."""
+    """Run a prepared run folder under a fresh SuperLink in simulation mode (``resume``:
+    continue its run from the last checkpoint)."""
     run_dir = run_dir.resolve()
     logs = run_dir / LOG_DIR
     logs.mkdir(parents=True, exist_ok=True)
@@ -252,7 +270,7 @@ def simulate(
         link_log = logs / SUPERLINK_LOG
         link = procs.start(superlink_sim_command(port), env, link_log, cwd=run_dir, plain=True)
         wait_superlink(port, link, link_log)
-        run_id = submit_simulation(app_dir(run_dir), run_dir, cfg, env, logs / SUBMIT_LOG)
+        run_id = submit_simulation(app_dir(run_dir), run_dir, cfg, env, logs / SUBMIT_LOG, resume)
         procs.start(stream_log_cmd(run_id), env, logs / RUN_LOG, cwd=flwr_home, plain=True)
 
         def superlink_alive() -> None:
