@@ -149,7 +149,7 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, command: str
             f"| {100 * (r['global'] or 0):.1f}% | {100 * (r['personal'] or 0):.1f}% "
             f"| {r['wall_s']:.0f} s |"
         )
-    lines += ["", "Settings of each variant (on top of the common ones):", ""]
+    lines += ["", "Settings of each variant (overrides of configs/cross_device_sync.toml):", ""]
     lines += [f"- {r['name']}: `{' '.join(r['sets'])}`" for r in results]
     return "\n".join(lines) + "\n"
 
