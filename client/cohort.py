@@ -66,6 +66,8 @@ def train_device(
         else {}
     )
     gen = torch_generator(task.seed, "train", task.round, device)
+    if device in task.step_limits:
+        task = task.model_copy(update={"max_steps": task.step_limits[device]})
     update = algo.client_update(model_for(task.model_spec), global_arrays, state, data, task, gen)
     update.state.meta[ROUND_KEY] = task.round
     store.save(device, update.state, durable=task.durable_state)

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.config_clock import ClockConfig
 from common.personalization import ALGORITHMS
 
 DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
@@ -138,6 +139,9 @@ class ClientConfig(_Section):
     """apfl: initial mixing weight of the personal model."""
     apfl_alpha_lr: float = Field(0.01, ge=0.0)
     """apfl: learning rate of the mixing weight alpha."""
+    partial_work: bool = False
+    """With ``clock.deadline_s``: a straggler's steps up to the deadline are used
+    (FedProx's partial work) instead of being discarded."""
 
 
 class SimulationConfig(_Section):
@@ -245,6 +249,7 @@ class ExperimentConfig(_Section):
     simulation: SimulationConfig = SimulationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    clock: ClockConfig = ClockConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -311,7 +316,29 @@ class ExperimentConfig(_Section):
                 f"strategy.min_train_devices ({self.strategy.min_train_devices}): lower "
                 "evaluation.holdout_fraction or strategy.min_train_devices, or add devices"
             )
+        self._clock_checks(self.partition.num_devices - held)
         return self
+
+    def _clock_checks(self, trainable: int) -> None:
+        c = self.clock
+        if c.mode == "async":
+            if c.concurrency > trainable:
+                raise ValueError(
+                    f"clock.concurrency ({c.concurrency}) is more than the {trainable} "
+                    "devices that may train: lower clock.concurrency or add devices"
+                )
+            if c.buffer_size < self.strategy.min_train_devices:
+                raise ValueError(
+                    f"clock.buffer_size ({c.buffer_size}) is below "
+                    f"strategy.min_train_devices ({self.strategy.min_train_devices}): every "
+                    "aggregation would fail; raise the first or lower the second"
+                )
+        if self.client.partial_work and not (c.mode == "sync" and c.deadline_s > 0):
+            raise ValueError(
+                "client.partial_work = true uses a straggler's steps up to the round's "
+                "deadline, but there is none: set clock.mode = 'sync' and "
+                "clock.deadline_s > 0, or client.partial_work = false"
+            )
 
 
 def _format_validation_error(err: ValidationError, source: str) -> str:

@@ -35,6 +35,24 @@ def batchnorm_keys(keys: Iterable[str]) -> set[str]:
     return {k for k in keys if k.rsplit(".", 1)[0] in layers}
 
 
+PhaseRule = Callable[[int, int], tuple[int, ...]]
+"""(local_epochs, head_epochs) -> epochs of each local training pass, in order."""
+
+
+def one_phase(epochs: int, head_epochs: int) -> tuple[int, ...]:
+    return (epochs,)
+
+
+def head_then_body(epochs: int, head_epochs: int) -> tuple[int, ...]:
+    """FedRep: the head alone, then the body."""
+    return (head_epochs, epochs)
+
+
+def personal_and_global(epochs: int, head_epochs: int) -> tuple[int, ...]:
+    """Ditto: the personal model, then the global copy."""
+    return (epochs, epochs)
+
+
 @dataclass(frozen=True)
 class AlgorithmSpec:
     """What the server and the device both need to know of an algorithm."""
@@ -49,6 +67,9 @@ class AlgorithmSpec:
     trains_from_state: bool = True
     """Local training reads the device's stored arrays (False: it starts from the global
     model alone, so a worker reads only the state's small metadata before training)."""
+    phases: PhaseRule = one_phase
+    """Epochs of each local training pass, from (local_epochs, head_epochs): what the
+    virtual clock charges a device for, and where a partial-work step budget is split."""
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {
@@ -57,9 +78,9 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
         AlgorithmSpec("fedavg", keep_nothing, trains_from_state=False),
         AlgorithmSpec("fedprox", keep_nothing, proximal=True, trains_from_state=False),
         AlgorithmSpec("fedper", keep_head, needs_head=True),
-        AlgorithmSpec("fedrep", keep_head, needs_head=True),
+        AlgorithmSpec("fedrep", keep_head, needs_head=True, phases=head_then_body),
         AlgorithmSpec("fedbn", batchnorm_keys),
-        AlgorithmSpec("ditto", keep_nothing),
+        AlgorithmSpec("ditto", keep_nothing, phases=personal_and_global),
         AlgorithmSpec("apfl", keep_nothing),
     )
 }
@@ -82,3 +103,12 @@ def personal_keys(algorithm: str, keys: Iterable[str]) -> set[str]:
 def shared_keys(algorithm: str, keys: Iterable[str]) -> set[str]:
     keys = list(keys)
     return set(keys) - personal_keys(algorithm, keys)
+
+
+def local_steps(
+    algorithm: str, num_examples: int, local_epochs: int, head_epochs: int, batch_size: int
+) -> tuple[int, ...]:
+    """Optimiser steps of each local pass of a device with ``num_examples`` samples (the
+    device's loop takes ceil(n / batch) steps per epoch; a test checks they agree)."""
+    per_epoch = -(-num_examples // batch_size)
+    return tuple(e * per_epoch for e in algorithm_spec(algorithm).phases(local_epochs, head_epochs))

@@ -56,6 +56,11 @@ class RoundInstructions(_Wire):
     simulation is rerun, and fsync per device dominated small-model rounds."""
     preaggregate: bool = False
     """Reply with one weighted sum of the cohort's updates instead of each update."""
+    step_limits: dict[int, int] = Field(default_factory=dict)
+    """Per device: cap on each local training pass (a straggler's partial work before
+    the virtual deadline); devices not listed train fully."""
+    max_steps: int = Field(0, ge=0)
+    """The cap for the device being trained (set on the device from ``step_limits``)."""
 
     @property
     def algorithm(self) -> str:
@@ -85,6 +90,7 @@ def task_for(
     *,
     durable_state: bool = True,
     preaggregate: bool = False,
+    step_limits: dict[int, int] | None = None,
 ) -> RoundInstructions:
     """The one place a device task is derived from the experiment config."""
     return RoundInstructions(
@@ -98,6 +104,7 @@ def task_for(
         devices=list(devices or []),
         durable_state=durable_state,
         preaggregate=preaggregate,
+        step_limits=dict(step_limits or {}),
     )
 
 

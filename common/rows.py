@@ -64,6 +64,38 @@ class RoundCost(_Row):
     """Bytes each selected device received (the global model)."""
 
 
+class ClockRow(_Row):
+    """A round (or an asynchronous aggregation) on the virtual clock."""
+
+    start_h: float
+    """Virtual hours since the run started, when the round began."""
+    duration_s: float
+    """Virtual seconds the round took (K-th result, the deadline, or the last drop-out)."""
+    end_h: float
+    waited_s: float = 0.0
+    """Virtual seconds spent waiting for enough devices to come online."""
+    online: int
+    """Devices of the training pool online when the round started."""
+    selected: int
+    finished: int
+    """Results kept (aggregated if they pass validation)."""
+    partial: int = 0
+    """Of those, stragglers whose steps up to the deadline were used."""
+    late: int = 0
+    """Results that arrived after the K-th (over-commitment surplus): discarded."""
+    dropped_offline: int = 0
+    dropped_deadline: int = 0
+    dropped: list[DeviceIssue] = Field(default_factory=list)
+    """Each dropped device and why (offline before its work finished, or the deadline)."""
+    download_s: Distribution | None = None
+    compute_s: Distribution | None = None
+    upload_s: Distribution | None = None
+    """Virtual seconds each kept device spent downloading, training, uploading."""
+    staleness: Distribution | None = None
+    """Asynchronous: versions between the one a device started from and the one its
+    update was aggregated into."""
+
+
 class DeviceSummary(_Row):
     """Training devices: served, personalized and fine-tuned accuracy, gains."""
 
@@ -118,6 +150,8 @@ class RoundRow(_Row):
     eval_failed: int | None = None
     eval_failures: list[DeviceIssue] | None = None
     eval_bytes_down: float | None = None
+    clock: ClockRow | None = None
+    """The virtual clock's view of the round (absent when ``clock.mode = "off"``)."""
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)

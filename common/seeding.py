@@ -17,7 +17,21 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "synthetic": 6, "eval-sample": 10}
+_PURPOSES = {
+    "sampling": 1,
+    "train": 2,
+    "init": 3,
+    "eval": 5,
+    "synthetic": 6,
+    "eval-sample": 10,
+    "profile-speed": 11,
+    "profile-down": 12,
+    "profile-up": 13,
+    "profile-offset": 14,
+    "profile-jitter": 15,
+    "availability": 16,
+    "async-select": 17,
+}
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 
 

@@ -125,7 +125,8 @@ def run_experiment(
         )
         loop.run()
         digest = save_final_model(loop, run_dir)
-        summary = summarize(read_rows(run_dir / METRICS_FILE))
+        targets = (cfg.clock.target_accuracy, cfg.clock.target_personal_accuracy)
+        summary = summarize(read_rows(run_dir / METRICS_FILE), targets)
         summary.update({"model_sha256": digest, "server_wall_s": time.perf_counter() - t0})
         verdict = personalization_verdict(loop.last_device_rows)
         if verdict is not None:

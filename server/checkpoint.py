@@ -61,6 +61,8 @@ class Checkpoint(BaseModel):
     positions: dict[str, int]
     """Length of each appended result file (``server.recording.APPENDED``)."""
     config_sha256: str
+    clock_now_s: float | None = None
+    """Synchronous virtual clock: the virtual time the next round starts at."""
 
 
 def _config_sha(run_dir: Path) -> str:
@@ -93,6 +95,7 @@ def save_checkpoint(loop: ServerLoop, round_: int) -> None:
         arrays_sha256=sha256_hex(blob),
         positions=loop.recorder.positions(),
         config_sha256=_config_sha(loop.run_dir),
+        clock_now_s=loop.sync.now_s if loop.sync is not None else None,
     )
     atomic_write_bytes(
         folder / CHECKPOINT_FILE,
@@ -149,6 +152,8 @@ def resume(loop: ServerLoop) -> int:
         )
     loop.global_arrays.update(restored)
     loop.aggregator.load_state(_part(arrays, STRATEGY))
+    if loop.sync is not None and ck.clock_now_s is not None:
+        loop.sync.now_s = ck.clock_now_s
     loop.last_device_rows = _device_rows(loop.run_dir, ck.round)
     log.info("resuming after round %d", ck.round)
     return ck.round + 1
@@ -174,6 +179,12 @@ def start(loop: ServerLoop, resuming: bool) -> int:
             raise ResumeError(
                 "resuming needs the devices' state on the server's disk: only simulations "
                 "can be resumed"
+            )
+        if loop.cfg.clock.mode == "async":
+            raise ResumeError(
+                "clock.mode = 'async' keeps an event queue (devices in flight, the versions "
+                "they started from) that is not checkpointed: an asynchronous run cannot be "
+                "resumed; start it again"
             )
         return resume(loop)
     loop.recorder.start()

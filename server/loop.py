@@ -28,14 +28,19 @@ from common.models import ModelSpec, build_model
 from common.personalization import shared_keys
 from common.protocol import RoundInstructions, task_for
 from common.rows import ColdStart, DeviceIssue, Distribution, RoundCost, RoundRow, TimingRow
+from common.rundir import PROFILES_FILE
 from common.seeding import derive_seed
 from common.weights import Arrays, ArraySpec, model_to_arrays, spec_of, validate_update
 from server.aggregation import Aggregator, partial_mean
+from server.availability import availability_for
 from server.checkpoint import save_checkpoint, start
+from server.clock import ClockError, DeviceClock, SyncClock, SyncPlan
 from server.device_summary import DeviceRow, holdout_devices
 from server.dispatch import Dispatcher, nbytes
 from server.evaluation import Evaluator
+from server.fedbuff import BufferedRun
 from server.population import NodePopulation, PartitionPopulation, Population
+from server.profiles import ProfileFileError, profiles_for, write_profiles
 from server.recording import Recorder
 from server.selection import UniformSelection
 from server.validation import Screened, screen
@@ -113,13 +118,43 @@ class ServerLoop:
         )
         self.recorder = Recorder(run_dir)
         self.last_device_rows: list[DeviceRow] = []
+        self.clock = self._device_clock() if cfg.clock.enabled else None
+        self.sync = (
+            SyncClock(self.clock, self.selection.size)
+            if self.clock is not None and cfg.clock.mode == "sync"
+            else None
+        )
+
+    def _device_clock(self) -> DeviceClock:
+        """Profiles (sampled or the user's file, written to the run folder) + availability."""
+        if not self.simulated:
+            raise RunFailed(
+                "clock.mode simulates devices' time; a deployment runs on the wall clock: "
+                "set clock.mode = 'off' for hybridfl deploy"
+            )
+        c = self.cfg.clock
+        try:
+            profiles = profiles_for(c, self.cfg.seed, self.population.size)
+            clock = DeviceClock(
+                self.cfg,
+                profiles,
+                availability_for(c, self.cfg.seed, profiles),
+                self.population.num_examples,
+            )
+            clock.check_deadline(float(nbytes(self.global_arrays)))
+        except (ProfileFileError, ClockError, ValueError) as err:
+            raise RunFailed(str(err)) from None
+        write_profiles(profiles, self.run_dir / PROFILES_FILE)
+        return clock
 
     @property
     def last_metrics(self) -> dict[str, object]:
         last = self.recorder.last
         return {} if last is None else last.model_dump(exclude_none=True)
 
-    def task(self, round_: int, devices: list[int]) -> RoundInstructions:
+    def task(
+        self, round_: int, devices: list[int], limits: dict[int, int] | None = None
+    ) -> RoundInstructions:
         return task_for(
             self.cfg,
             round_,
@@ -128,6 +163,7 @@ class ServerLoop:
             devices if self.simulated else [],
             durable_state=not self.simulated,
             preaggregate=self.cfg.simulation.preaggregate and self.simulated,
+            step_limits={d: limits[d] for d in devices if d in limits} if limits else None,
         )
 
     # -- the run -----------------------------------------------------------------
@@ -145,39 +181,83 @@ class ServerLoop:
                 self.on_version(0, self.global_arrays, {})
             save_checkpoint(self, 0)
         t_start = time.perf_counter()
+        if self.cfg.clock.mode == "async":
+            assert self.clock is not None
+            BufferedRun(self, self.clock).run(t_start)
+            return self.global_arrays
         for rnd in range(first, self.cfg.rounds + 1):
             t0 = time.perf_counter()
             self.population.refresh()
-            chosen = self.selection.select(rnd, self.population.train_pool())
-            row, trained, device_s = self.train_round(rnd, chosen)
-            t_train = time.perf_counter() - t0
-            if self.evaluator.due(rnd):
-                ev = self.evaluator.run(rnd, trained, self.global_arrays)
-                row = row.model_copy(update=ev.fields)
-                if ev.rows:
-                    self.last_device_rows = ev.rows
-                    self.recorder.devices(rnd, ev.rows)
-            if self.on_version:
-                flat = {
-                    k: float(v)
-                    for k, v in row.model_dump(exclude_none=True).items()
-                    if isinstance(v, (int, float)) and not isinstance(v, bool)
-                }
-                self.on_version(rnd, self.global_arrays, flat)
-            now = time.perf_counter()
-            timing = TimingRow(
-                round=rnd,
-                train_s=t_train,
-                round_s=now - t0,
-                elapsed_s=now - t_start,
-                device_train_s=Distribution.of(device_s) if device_s else None,
-            )
-            self.recorder.round(row, timing)
+            plan = self._plan(rnd) if self.sync is not None else None
+            if plan is None:
+                chosen = self.selection.select(rnd, self.population.train_pool())
+                row, trained, device_s = self.train_round(rnd, chosen)
+            else:
+                row, trained, device_s = self.train_round(rnd, plan.kept, plan.step_limits)
+                row = row.model_copy(update={"clock": plan.row()})
+            self.finish_round(rnd, row, trained, device_s, t0, t_start)
             save_checkpoint(self, rnd)
         return self.global_arrays
 
+    def finish_round(
+        self,
+        rnd: int,
+        row: RoundRow,
+        trained: list[int],
+        device_s: list[float],
+        t0: float,
+        t_start: float,
+    ) -> None:
+        """Evaluate when due, publish the version, record the round's rows."""
+        t_train = time.perf_counter() - t0
+        if self.evaluator.due(rnd):
+            ev = self.evaluator.run(rnd, trained, self.global_arrays)
+            row = row.model_copy(update=ev.fields)
+            if ev.rows:
+                self.last_device_rows = ev.rows
+                self.recorder.devices(rnd, ev.rows)
+        if self.on_version:
+            flat = {
+                k: float(v)
+                for k, v in row.model_dump(exclude_none=True).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
+            self.on_version(rnd, self.global_arrays, flat)
+        now = time.perf_counter()
+        timing = TimingRow(
+            round=rnd,
+            train_s=t_train,
+            round_s=now - t0,
+            elapsed_s=now - t_start,
+            device_train_s=Distribution.of(device_s) if device_s else None,
+        )
+        self.recorder.round(row, timing)
+
+    def _plan(self, round_: int) -> SyncPlan:
+        """The clock decides who trains (and who is dropped) before any training."""
+        assert self.sync is not None
+        shared_bytes = float(nbytes({k: self.global_arrays[k] for k in self.shared}))
+        try:
+            plan = self.sync.plan(
+                round_,
+                self.population.train_pool(),
+                float(nbytes(self.global_arrays)),
+                shared_bytes,
+            )
+        except ClockError as err:
+            raise RunFailed(f"round {round_}: {err}") from None
+        if len(plan.kept) < self.cfg.strategy.min_train_devices:
+            why = " | ".join(f"device {d.device}: {d.reason}" for d in plan.dropped[:3])
+            raise RunFailed(
+                f"round {round_}: {len(plan.kept)} of {len(plan.selected)} selected devices "
+                f"could finish on the virtual clock, fewer than strategy.min_train_devices="
+                f"{self.cfg.strategy.min_train_devices} (raise clock.deadline_s or "
+                f"clock.overcommit, or loosen availability). {why}"
+            )
+        return plan
+
     def train_round(
-        self, round_: int, chosen: list[int]
+        self, round_: int, chosen: list[int], limits: dict[int, int] | None = None
     ) -> tuple[RoundRow, list[int], list[float]]:
         """Dispatch, screen, aggregate; the round's row (without evaluation), the devices
         whose update was used, and their wall-clock training seconds."""
@@ -187,13 +267,25 @@ class ServerLoop:
             "train",
             round_,
             self.population.routes(chosen),
-            lambda ds: self.task(round_, ds),
+            lambda ds: self.task(round_, ds, limits),
             self.global_arrays,
         )
         crash_point("round-trained", round_)
         ok = screen(got, self.expected, self.shared, self.population.num_examples)
-        self._require_enough(round_, chosen, ok, got.failed)
-        self.global_arrays.update(self._aggregate(round_, ok))
+        self.require_enough(round_, chosen, ok, got.failed)
+        self.global_arrays.update(self.aggregate(round_, self.updates(ok)))
+        return self.round_row(round_, chosen, ok, got.failed, shared_now)
+
+    def round_row(
+        self,
+        round_: int,
+        chosen: list[int],
+        ok: Screened,
+        failed: list[DeviceIssue],
+        shared_now: Arrays,
+    ) -> tuple[RoundRow, list[int], list[float]]:
+        """The round's row (without evaluation), the devices whose update was used, and
+        their wall-clock training seconds."""
         reports = ok.reports()
         weights = [float(self.population.num_examples(r.device)) for r in reports]
         shared_bytes = float(nbytes(shared_now))
@@ -209,9 +301,9 @@ class ServerLoop:
             round=round_,
             num_sampled=len(chosen),
             num_updates=len(reports),
-            num_failed=len(got.failed),
+            num_failed=len(failed),
             num_rejected=len(ok.rejected),
-            failed=got.failed,
+            failed=failed,
             rejected=ok.rejected,
             train_loss=loss if math.isfinite(loss) else None,
             bytes_up=shared_bytes * len(reports),
@@ -231,7 +323,7 @@ class ServerLoop:
         )
         return row, [r.device for r in reports], [r.train_time_s for r in reports]
 
-    def _require_enough(
+    def require_enough(
         self, round_: int, chosen: list[int], ok: Screened, failed: list[DeviceIssue]
     ) -> None:
         n, s = len(ok.devices), self.cfg.strategy
@@ -248,12 +340,15 @@ class ServerLoop:
                 f"accept this). {reasons}"
             )
 
-    def _aggregate(self, round_: int, ok: Screened) -> Arrays:
+    def updates(self, ok: Screened) -> list[tuple[float, Arrays]]:
+        """(weight the server knows, arrays) of every accepted update or partial sum."""
         updates = [
             (float(self.population.num_examples(r.report.device)), r.arrays) for r in ok.accepted
         ]
         updates += [(p.weight_total, partial_mean(p.sums, p.weight_total)) for p in ok.partials]
-        updates = [u for u in updates if u[1]]
+        return [u for u in updates if u[1]]
+
+    def aggregate(self, round_: int, updates: list[tuple[float, Arrays]]) -> Arrays:
         new = self.aggregator.aggregate(round_, updates)
         # Server optimisers (FedAdam) and partial sums compute in float64: cast back.
         new = {k: v.astype(self.expected[k].dtype) for k, v in new.items() if k in self.expected}

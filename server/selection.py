@@ -30,6 +30,12 @@ class UniformSelection:
     minimum: int
     count: int = 0
 
+    def size(self, pool: np.ndarray) -> int:
+        """How many devices a round wants from ``pool`` (the clock's K)."""
+        if self.count > 0:
+            return min(self.count, int(pool.size))
+        return min(int(pool.size), max(self.minimum, round(self.fraction * pool.size)))
+
     def select(self, round_: int, pool: np.ndarray) -> list[int]:
         if self.count > 0:
             return sample_devices(self.seed, round_, pool, 0.0, min(self.count, pool.size))

@@ -87,8 +87,56 @@ def personalization_verdict(devices: Sequence[DeviceRow]) -> dict[str, Any] | No
     }
 
 
-def summarize(rows: Sequence[RoundRow]) -> dict[str, Any]:
-    """Totals (bytes, failures) plus the last and best evaluated rounds, labelled."""
+def _personal(r: RoundRow) -> float | None:
+    return _wmean(r.devices.personal_acc) if r.devices else None
+
+
+def time_to_accuracy(
+    rows: Sequence[RoundRow], target: float, score: Callable[[RoundRow], float | None]
+) -> dict[str, Any]:
+    """Virtual hours (and round) at which ``score`` first reaches ``target``; FedScale's
+    time-to-accuracy. ``None`` hours: not reached within the run."""
+    for r in rows:
+        s = score(r) if r.evaluated else None
+        if s is not None and r.clock is not None and s >= target:
+            return {"target": target, "virtual_hours": r.clock.end_h, "round": r.round}
+    return {"target": target, "virtual_hours": None, "round": None}
+
+
+def clock_summary(
+    rows: Sequence[RoundRow], targets: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, Any] | None:
+    """The virtual clock's totals: hours, drop-outs by cause, staleness, time to targets."""
+    timed = [r.clock for r in rows if r.clock is not None]
+    if not timed:
+        return None
+    stale = [c.staleness.mean for c in timed if c.staleness is not None]
+    out: dict[str, Any] = {
+        "virtual_hours": timed[-1].end_h,
+        "selected": sum(c.selected for c in timed),
+        "finished": sum(c.finished for c in timed),
+        "partial": sum(c.partial for c in timed),
+        "late": sum(c.late for c in timed),
+        "dropped_offline": sum(c.dropped_offline for c in timed),
+        "dropped_deadline": sum(c.dropped_deadline for c in timed),
+        "mean_staleness": float(sum(stale) / len(stale)) if stale else None,
+    }
+    global_target, personal_target = targets
+    if global_target > 0:
+        out["time_to_global_accuracy"] = time_to_accuracy(
+            rows, global_target, lambda r: r.global_test_acc
+        )
+    if personal_target > 0:
+        out["time_to_personal_accuracy"] = time_to_accuracy(rows, personal_target, _personal)
+    return out
+
+
+def summarize(
+    rows: Sequence[RoundRow], clock_targets: tuple[float, float] = (0.0, 0.0)
+) -> dict[str, Any]:
+    """Totals (bytes, failures) plus the last and best evaluated rounds, labelled; with
+    the virtual clock, its totals and time-to-accuracy for ``clock_targets``
+    (global, personalized; 0 = not asked)."""
     evaluated = [r for r in rows if r.evaluated]
     updates = sum(r.num_updates for r in rows)
     sampled = sum(r.num_sampled for r in rows)
@@ -107,15 +155,15 @@ def summarize(rows: Sequence[RoundRow]) -> dict[str, Any]:
         "rejected_updates": sum(r.num_rejected for r in rows),
         "eval_failed": sum(r.eval_failed or 0 for r in rows),
     }
+    clock = clock_summary(rows, clock_targets)
+    if clock is not None:
+        out["clock"] = clock
     if not evaluated:
         return out
     out["last"] = _headline(evaluated[-1], LAST_LABEL)
     candidates: dict[str, tuple[str, Callable[[RoundRow], float | None]]] = {
         "best_global": ("global test accuracy", lambda r: r.global_test_acc),
-        "best_personal": (
-            "device personalized accuracy",
-            lambda r: _wmean(r.devices.personal_acc) if r.devices else None,
-        ),
+        "best_personal": ("device personalized accuracy", _personal),
         "best_finetuned": (
             "device fine-tuned accuracy",
             lambda r: _wmean(r.devices.finetuned_acc) if r.devices else None,

@@ -38,6 +38,15 @@ def progress_line(row: RoundRow, timing: TimingRow | None, rounds: int) -> str:
             if held.finetuned_acc is not None:
                 text += f" finetuned {_pct(held.finetuned_acc)}"
             parts.append(text)
+    c = row.clock
+    if c is not None:
+        dropped = c.dropped_offline + c.dropped_deadline
+        text = f"virtual {virtual_time(c.end_h)}"
+        if dropped:
+            text += f" dropped {dropped}"
+        if c.staleness is not None:
+            text += f" staleness {c.staleness.mean:.1f}"
+        parts.append(text)
     if timing is not None:
         parts.append(f"{timing.elapsed_s:6.1f}s")
     return "  ".join(parts)
@@ -81,12 +90,51 @@ def done_line(summary: dict[str, Any], wall_s: float, run_dir: Path) -> str:
     ]
     if problems:
         lines.append(f"of {summary.get('num_sampled', 0)} selected devices: " + ", ".join(problems))
+    clock = summary.get("clock")
+    if clock:
+        lines.append(clock_line(clock))
     lines.append(
         f"done in {wall_s:.1f}s: global test accuracy {last.get('global_test_acc') or 0:.4f}, "
         f"personalized on devices {last.get('device_personal_acc') or 0:.4f} "
         f"(global on devices {last.get('device_global_acc') or 0:.4f}); results in {run_dir}"
     )
     return "\n".join(lines)
+
+
+def virtual_time(hours: float) -> str:
+    """``42.0 s``, ``12.5 min`` or ``5.20 h``: small federations finish rounds in seconds."""
+    if hours < 1 / 60:
+        return f"{hours * 3600:.1f} s"
+    if hours < 1:
+        return f"{hours * 60:.1f} min"
+    return f"{hours:.2f} h"
+
+
+def clock_line(clock: dict[str, Any]) -> str:
+    """``virtual time 5.20 h; 1,204 results used, 96 dropped (80 offline, 16 deadline)...``"""
+    dropped = clock["dropped_offline"] + clock["dropped_deadline"]
+    text = (
+        f"virtual time {virtual_time(clock['virtual_hours'])}: {clock['finished']:,} results used, "
+        f"{dropped:,} devices dropped ({clock['dropped_offline']:,} went offline, "
+        f"{clock['dropped_deadline']:,} missed the deadline), {clock['late']:,} late"
+    )
+    if clock.get("partial"):
+        text += f", {clock['partial']:,} partial"
+    if clock.get("mean_staleness") is not None:
+        text += f", mean staleness {clock['mean_staleness']:.2f}"
+    for key, what in (
+        ("time_to_global_accuracy", "global test"),
+        ("time_to_personal_accuracy", "personalized"),
+    ):
+        t = clock.get(key)
+        if t:
+            when = (
+                f"{virtual_time(t['virtual_hours'])} (round {t['round']})"
+                if t["virtual_hours"] is not None
+                else "not reached"
+            )
+            text += f"; {what} {100 * t['target']:.0f}%: {when}"
+    return text
 
 
 def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
@@ -100,10 +148,15 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rounds = [r.round for r in rows]
+    virtual = all(r.clock is not None for r in rows)
+
+    def x(r: RoundRow) -> float:
+        return r.clock.end_h if virtual and r.clock is not None else float(r.round)
+
+    rounds = [x(r) for r in rows]
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     ax.plot(rounds, [r.global_test_acc for r in rows], "k-", label="global model, global test set")
-    dev = [(r.round, r.devices) for r in rows if r.devices and r.devices.global_acc]
+    dev = [(x(r), r.devices) for r in rows if r.devices and r.devices.global_acc]
     if dev:
         dr = [d for d, _ in dev]
         g = [s.global_acc.weighted_mean for _, s in dev]  # type: ignore[union-attr]
@@ -121,7 +174,7 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
                 "C2-.",
                 label="global fine-tuned on device, same splits",
             )
-    held = [(r.round, r.holdout) for r in rows if r.holdout and r.holdout.global_acc]
+    held = [(x(r), r.holdout) for r in rows if r.holdout and r.holdout.global_acc]
     if held:
         hr = [d for d, _ in held]
         ax.plot(
@@ -137,7 +190,7 @@ def plot_accuracy(run_dir: Path, out: Path | None = None) -> Path | None:
                 "C3-",
                 label="global fine-tuned, held-out devices",
             )
-    ax.set_xlabel("round")
+    ax.set_xlabel("virtual hours" if virtual else "round")
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

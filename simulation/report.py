@@ -108,6 +108,7 @@ def run_row(run: Run) -> dict[str, Any]:
         "bytes_down_per_device": s.get("bytes_down_per_sampled_device"),
         "bytes_total": float(s.get("bytes_up", 0.0)) + float(s.get("bytes_down", 0.0)),
         "best": {k: s[k] for k in s if k.startswith("best_")},
+        "clock": s.get("clock"),
     }
 
 
@@ -153,6 +154,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     ]
     if holdout:
         header += ["held-out: global", "held-out: fine-tuned"]
+    timed = any(r.get("clock") for r in rows)
+    if timed:
+        header += ["virtual hours", "to global target", "to personalized target", "dropped"]
     header += ["per device-round up / down", "total bytes"]
     body = []
     for r in rows:
@@ -173,6 +177,8 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
         ]
         if holdout:
             cells += [_pct(r["holdout_global_acc"]), _pct(r["holdout_finetuned_acc"])]
+        if timed:
+            cells += _clock_cells(r.get("clock"))
         cells += [
             f"{_bytes(r['bytes_up_per_update'])} / {_bytes(r['bytes_down_per_device'])}",
             _bytes(r["bytes_total"]),
@@ -214,9 +220,38 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n\n".join([intro, _table(header, body), best_intro, _table(best_header, best_body)])
 
 
-def _series(rows: list[RoundRow], section: str, key: str) -> tuple[list[int], list[float]]:
+def _clock_cells(clock: dict[str, Any] | None) -> list[str]:
+    """Virtual hours, time to each target ("62% at 3.1 h", "not reached"), drop-outs."""
+    if not clock:
+        return ["-"] * 4
+
+    def reached(key: str) -> str:
+        t = clock.get(key)
+        if not t:
+            return "-"
+        hours = t.get("virtual_hours")
+        target = f"{100 * t['target']:.0f}%"
+        return f"{target} at {hours:.2f} h" if hours is not None else f"{target} not reached"
+
+    dropped = clock["dropped_offline"] + clock["dropped_deadline"]
+    return [
+        f"{clock['virtual_hours']:.2f}",
+        reached("time_to_global_accuracy"),
+        reached("time_to_personal_accuracy"),
+        f"{dropped:,} of {clock['selected']:,}",
+    ]
+
+
+def _x(r: RoundRow, virtual: bool) -> float:
+    """A row's position on the x axis: virtual hours when every run has a clock."""
+    return r.clock.end_h if virtual and r.clock is not None else float(r.round)
+
+
+def _series(
+    rows: list[RoundRow], section: str, key: str, virtual: bool = False
+) -> tuple[list[float], list[float]]:
     pts = [
-        (r.round, dist.weighted_mean)
+        (_x(r, virtual), dist.weighted_mean)
         for r in rows
         if (part := getattr(r, section)) is not None
         and (dist := getattr(part, key, None)) is not None
@@ -237,10 +272,11 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
     fig, axes = plt.subplots(
         nrows, cols, figsize=(5.2 * cols, 3.8 * nrows), dpi=100, squeeze=False, sharey=True
     )
+    virtual = all(r.clock is not None for run in runs for r in run.metrics)
     for ax, run in zip(axes.flat, runs, strict=False):
         rows = [r for r in run.metrics if r.evaluated]
         ax.plot(
-            [r.round for r in rows],
+            [_x(r, virtual) for r in rows],
             [float(r.global_test_acc or 0.0) for r in rows],
             "k-",
             lw=1,
@@ -253,11 +289,11 @@ def plot_curves(runs: Sequence[Run], out: Path) -> Path:
             ("holdout", "global_acc", "C3:", "global, held-out"),
             ("holdout", "finetuned_acc", "C3-", "fine-tuned, held-out"),
         ):
-            x, y = _series(rows, section, key)
+            x, y = _series(rows, section, key, virtual)
             if x:
                 ax.plot(x, y, style, label=label)
         ax.set_title(run.name, fontsize=9)
-        ax.set_xlabel("round")
+        ax.set_xlabel("virtual hours" if virtual else "round")
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=7)

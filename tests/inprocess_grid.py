@@ -16,6 +16,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import app as client_app
+from common.protocol import CONFIG_KEY, RoundInstructions
 from server.aggregation import StandInGrid
 
 Tamper = Callable[[int, Message, Message], Message | None]
@@ -37,6 +38,10 @@ class InProcessGrid(StandInGrid):
         self.nodes = {1000 + d: d for d in range(num_nodes)}
         self.node_key = "device-id" if devices else "partition-id"
         self.tamper = tamper
+        self.hold: dict[int, int] = {}
+        """Device id -> pulls a reply for a message carrying it is held back for (a
+        worker that finishes later in real time than the others)."""
+        self._held: dict[str, int] = {}
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self._ready: dict[str, Message] = {}
@@ -68,17 +73,33 @@ class InProcessGrid(StandInGrid):
             reply = self._deliver(msg)
             if reply is not None:
                 self._ready[msg.metadata.message_id] = reply
+                held = max((self.hold.get(d, 0) for d in _devices(msg)), default=0)
+                if held:
+                    self._held[msg.metadata.message_id] = held
             ids.append(msg.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._ready.pop(i) for i in list(message_ids) if i in self._ready]
+        out = []
+        for i in list(message_ids):
+            if self._held.get(i, 0) > 0:
+                self._held[i] -= 1
+                continue
+            if i in self._ready:
+                out.append(self._ready.pop(i))
+        return out
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         out = [r for m in messages if (r := self._deliver(m)) is not None]
         return out
+
+
+def _devices(msg: Message) -> list[int]:
+    if CONFIG_KEY not in msg.content.config_records:
+        return []
+    return RoundInstructions.from_record_fields(msg.content[CONFIG_KEY]).devices
 
 
 def _identity() -> None:

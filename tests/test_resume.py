@@ -55,6 +55,8 @@ VARIANTS = {
     # The default run's second variant: FedAdam's moments and Ditto's personal state at once.
     "fedavgm": ['strategy.name="fedavgm"'],  # server momentum
     "fedadam-ditto": ['strategy.name="fedadam"', 'client.algorithm="ditto"'],
+    # The synchronous virtual clock: its time must continue where the checkpoint left it.
+    "clock": ['clock.mode="sync"', 'clock.availability="bernoulli"', "clock.overcommit=1.5"],
 }
 
 
@@ -135,6 +137,7 @@ CASES = (
     [  # the default run: crashes in a row (a resumed run crashes again), two variants
         ("fedavg", ["round-trained@2", "publish-manifest@2", "write-metrics.jsonl@3"]),
         ("fedadam-ditto", ["checkpoint-commit@1", "round-trained@2", "checkpoint-arrays@3"]),
+        ("clock", ["write-metrics.jsonl@2"]),
     ]
     + [  # slow: every point alone for FedAvg, FedAdam and Ditto, at rounds 1-3
         pytest.param(n, [f"{p}@{1 + (i + j) % ROUNDS}"], marks=pytest.mark.slow)
@@ -222,3 +225,15 @@ def test_rollback_restores_the_checkpointed_generation(tmp_path: Path) -> None:
         "device-000002.safetensors",
         "device-000002.safetensors.prev",
     ]
+
+
+def test_an_asynchronous_run_is_not_resumed(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    prepare_run_dir(
+        load_config(
+            None, [*BASE, 'clock.mode="async"', "clock.concurrency=2", "clock.buffer_size=1"]
+        ),
+        d,
+    )
+    with pytest.raises(ResumeError, match="asynchronous run cannot be resumed"):
+        _run(d, resume=True)

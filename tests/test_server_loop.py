@@ -289,6 +289,7 @@ KNOBS = {
     "ditto_lambda": 0.7,
     "apfl_alpha": 0.25,
     "apfl_alpha_lr": 0.02,
+    "partial_work": True,
 }
 
 
@@ -297,7 +298,11 @@ def test_every_client_knob_reaches_the_devices_as_set(tmp_path: Path) -> None:
     for name, value in KNOBS.items():
         assert ClientConfig.model_fields[name].default != value
     overrides = [f"client.{k}={v}" for k, v in KNOBS.items()]
-    cfg, src = _setup(tmp_path, "client.algorithm=fedprox", "strategy.name=fedprox", *overrides)
+    # partial_work needs a deadline on the virtual clock (one long enough for everyone).
+    clock = ["clock.mode=sync", "clock.deadline_s=100000", "clock.overcommit=1.0"]
+    cfg, src = _setup(
+        tmp_path, "client.algorithm=fedprox", "strategy.name=fedprox", *overrides, *clock
+    )
     grid = InProcessGrid(tmp_path, 2)
     ServerLoop(grid, cfg, tmp_path, src).run()
     for m in grid.sent:

@@ -119,6 +119,7 @@ class APFL(Algorithm):
             generator=generator,
             batch_loss=lambda _pair, x, y: pair.batch_loss(x, y),
             after_step=pair.clip_alpha,
+            max_steps=instr.max_steps,
         )
         alpha = float(pair.alpha.detach())
         meta = dict(state.meta) if state else {}

@@ -123,6 +123,7 @@ class Algorithm:
                 optimizer=opt,
                 generator=generator,
                 extra_loss=extra_loss,
+                max_steps=instr.max_steps,
             )
 
     def new_state(self, model: nn.Module, old: PersonalState | None) -> PersonalState:

@@ -69,12 +69,14 @@ def train_epochs(
     extra_loss: ExtraLoss | None = None,
     batch_loss: BatchLoss | None = None,
     after_step: Callable[[], None] | None = None,
+    max_steps: int = 0,
 ) -> tuple[float, int]:
     """Run ``epochs`` passes of minibatch SGD; return (mean loss, steps taken).
 
     ``batch_loss`` replaces the cross-entropy of ``model(x)`` for methods whose batch
     objective involves more than one model (APFL); ``after_step`` runs after every
-    optimiser step (e.g. a projection such as clipping APFL's alpha to [0, 1]).
+    optimiser step (e.g. a projection such as clipping APFL's alpha to [0, 1]);
+    ``max_steps`` > 0 stops early (a straggler's partial work before a deadline).
     """
     loss_of = batch_loss if batch_loss is not None else cross_entropy_loss
     model.train()
@@ -83,6 +85,8 @@ def train_epochs(
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, batch_size):
+            if max_steps and steps >= max_steps:
+                break
             idx = order[start : start + batch_size]
             optimizer.zero_grad(set_to_none=True)
             loss = loss_of(model, x[idx], y[idx])
