@@ -113,7 +113,10 @@ def make_certs(
     out_dir: Path, devices: int, hosts: list[str] | None = None, first_device: int = 0
 ) -> CertFiles:
     """Create a throwaway CA, a SuperLink certificate for ``hosts`` and device keys."""
+    # The loopback names are always in: the SuperLink's own ServerApp reaches its
+    # Control/Runtime listener on 127.0.0.1 with this certificate.
     hosts = list(hosts or DEFAULT_HOSTS)
+    hosts += [h for h in DEFAULT_HOSTS if h not in hosts]
     out_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(out_dir, 0o700)  # private keys inside: not the umask's choice
     files = CertFiles(out_dir)
