@@ -8,7 +8,8 @@ the file into place, the way huggingface_hub's cache does. A device therefore
 never loads bytes that do not hash to what the server's manifest promised.
 
 What the hash does not give: protection from a malicious server (it sends the
-manifest too); that is TLS's and, later, signatures' job.
+manifest too); that is TLS's job (``ca_cert``: the server must hold a certificate
+from that CA) and, later, signatures'.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,7 @@ from common.manifest import ALIASES, VersionManifest, is_sha256_hex
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model"]
+__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model", "tls_context"]
 
 API = "/v1/models/global"
 CHUNK = 1 << 20
@@ -135,6 +137,12 @@ class _Fetcher:
             raise FetchError(f"request to {self.base_url}{path} failed: {exc}") from exc
 
     def _unreachable(self, exc: Exception) -> FetchError:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc.__context__, ssl.SSLError):
+            return FetchError(
+                f"the TLS certificate of {self.base_url} did not verify ({exc}); pass the CA "
+                "that signed it (--ca-cert, node config model-server-ca), e.g. CERTS/ca.crt "
+                "from `hybridfl certs`"
+            )
         return FetchError(
             f"cannot reach the model server at {self.base_url} ({exc}); "
             "is `hybridfl serve` running?"
@@ -321,6 +329,7 @@ def fetch_model(
     timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
     progress: ProgressFn | None = None,
     client: httpx.Client | None = None,
+    ca_cert: Path | None = None,
 ) -> FetchResult:
     """Fetch a verified global-model version into ``cache_dir``.
 
@@ -329,7 +338,8 @@ def fetch_model(
     version or alias, or bytes that do not verify (the bad file is deleted). An
     interrupted transfer leaves ``<sha>.safetensors.incomplete``; the next call
     resumes it. ``client`` lets a caller reuse a connection pool (its base_url
-    must be ``base_url``).
+    must be ``base_url``). ``ca_cert``: the server's certificate must be signed by
+    this CA (an ``https://`` URL is required then); without it, the system's CAs.
     """
     base_url = base_url.rstrip("/")
     if version is None and alias not in ALIASES:  # it goes into a URL path: known names only
@@ -340,7 +350,12 @@ def fetch_model(
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     own = client is None
-    session = client or httpx.Client(base_url=base_url, timeout=timeout, follow_redirects=False)
+    session = client or httpx.Client(
+        base_url=base_url,
+        timeout=timeout,
+        follow_redirects=False,
+        verify=tls_context(base_url, ca_cert),
+    )
     try:
         fetcher = _Fetcher(session, base_url, cache_dir, progress)
         manifest = fetcher.manifest(version, alias)
@@ -348,6 +363,21 @@ def fetch_model(
     finally:
         if own:
             session.close()
+
+
+def tls_context(base_url: str, ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """What verifies the server: our CA when given (https only), else the system's."""
+    if ca_cert is None:
+        return True
+    if not base_url.startswith("https://"):
+        raise FetchError(
+            f"a CA certificate ({ca_cert}) was given but {base_url} is not https://: "
+            "use the https:// URL of a model server started with --certfile/--keyfile"
+        )
+    try:
+        return ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise FetchError(f"CA certificate {ca_cert} cannot be loaded: {exc}") from exc
 
 
 def load_fetched_model(result: FetchResult) -> torch.nn.Module:

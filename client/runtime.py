@@ -27,6 +27,7 @@ RUN_DIR_KEY = "run-dir"
 DATA_KEY = "data"
 STATE_DIR_KEY = "state-dir"
 MODEL_SERVER_KEY = "model-server"
+MODEL_SERVER_CA_KEY = "model-server-ca"
 DEVICE_FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
 """Arrays of a device data file (``hybridfl device-data``): one device's split only."""
 
@@ -51,6 +52,8 @@ class DeviceEnv:
     state_dir: Path | None = None
     model_server: str = ""
     """Model server URL for the cold-start fetch (deployment only; empty: none)."""
+    model_server_ca: Path | None = None
+    """CA that signed the model server's TLS certificate (None: the system's CAs)."""
 
     def cohort(self, requested: list[int]) -> list[int]:
         """The devices to run for a message that names ``requested``."""
@@ -100,6 +103,7 @@ def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
         Path(data) if data else None,
         Path(state) if state else None,
         str(nc.get(MODEL_SERVER_KEY, "") or ""),
+        Path(str(ca)) if (ca := nc.get(MODEL_SERVER_CA_KEY)) else None,
     )
 
 

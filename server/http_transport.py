@@ -13,16 +13,19 @@ bounded by asyncio's ``ssl_handshake_timeout`` (60 s).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+if TYPE_CHECKING:
+    import uvicorn
 
 __all__ = [
     "DEFAULT_HEADER_TIMEOUT_S",
     "DEFAULT_KEEP_ALIVE_S",
-    "HeaderDeadlineProtocol",
+    "header_deadline_protocol",
+    "protocol_with",
     "server_config",
 ]
 
@@ -32,57 +35,65 @@ DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5
 
 
-class HeaderDeadlineProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol plus a deadline on each request's headers."""
+@functools.cache
+def header_deadline_protocol() -> type[Any]:
+    """uvicorn's httptools protocol plus a deadline on each request's headers.
 
-    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
-    _deadline: asyncio.TimerHandle | None = None
+    Built on first use so that importing this module (the CLI does, for its
+    defaults) does not import uvicorn.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    def _arm(self) -> None:
-        self._disarm()
-        self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+        _deadline: asyncio.TimerHandle | None = None
 
-    def _disarm(self) -> None:
-        if self._deadline is not None:
-            self._deadline.cancel()
+        def _arm(self) -> None:
+            self._disarm()
+            self._deadline = self.loop.call_later(self.header_timeout_s, self._headers_too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _headers_too_slow(self) -> None:
             self._deadline = None
+            if not self.transport.is_closing():
+                log.info(
+                    "closing %s: request headers not complete within %.1fs",
+                    self.client,
+                    self.header_timeout_s,
+                )
+                self.transport.close()
 
-    def _headers_too_slow(self) -> None:
-        self._deadline = None
-        if not self.transport.is_closing():
-            log.info(
-                "closing %s: request headers not complete within %.1fs",
-                self.client,
-                self.header_timeout_s,
-            )
-            self.transport.close()
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._arm()
-
-    def on_headers_complete(self) -> None:
-        self._disarm()
-        super().on_headers_complete()
-
-    def on_response_complete(self) -> None:
-        pipelined = bool(self.pipeline)  # its headers are in: no new deadline for it
-        super().on_response_complete()
-        if not pipelined and not self.transport.is_closing():
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
             self._arm()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)  # its headers are in: no new deadline for it
+            super().on_response_complete()
+            if not pipelined and not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadlineProtocol
 
 
-def protocol_with(header_timeout_s: float) -> type[HeaderDeadlineProtocol]:
+def protocol_with(header_timeout_s: float) -> type[Any]:
     """A protocol class with its own deadline (uvicorn takes a class, not an instance)."""
     if header_timeout_s <= 0:
         raise ValueError(f"header timeout must be > 0 seconds, got {header_timeout_s}")
-    return type(
-        "HeaderDeadlineProtocol", (HeaderDeadlineProtocol,), {"header_timeout_s": header_timeout_s}
-    )
+    base = header_deadline_protocol()
+    return type(base.__name__, (base,), {"header_timeout_s": header_timeout_s})
 
 
 def server_config(
@@ -109,6 +120,8 @@ def server_config(
             raise ValueError(f"TLS {what} file {path} does not exist")
     if keep_alive_s < 1:
         raise ValueError(f"keep-alive timeout must be >= 1 second, got {keep_alive_s}")
+    import uvicorn
+
     return uvicorn.Config(
         app,  # type: ignore[arg-type]
         host=host,

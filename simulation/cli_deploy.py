@@ -201,6 +201,12 @@ def device_cmd(
     model_server: Annotated[
         str, typer.Option(help="Model server URL for the cold-start fetch (optional).")
     ] = "",
+    model_server_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA of the model server's TLS certificate (default with --certs: CERTS/ca.crt)."
+        ),
+    ] = None,
     port: Annotated[
         int, port_option("Local Runtime API port of this SuperNode, 1-65535 (0: a free one).")
     ] = 0,
@@ -234,6 +240,11 @@ def device_cmd(
         node_cfg["state-dir"] = str(state_dir.resolve())
     if model_server:
         node_cfg["model-server"] = model_server
+        ca = model_server_ca or (files.ca_cert if files is not None else None)
+        if ca is not None and model_server.startswith("https://"):
+            if not ca.is_file():
+                fail(f"--model-server-ca {ca} does not exist")
+            node_cfg["model-server-ca"] = str(ca.resolve())
     if files is not None and key is None:
         key = files.device_key(device_id)
         if not key.is_file():

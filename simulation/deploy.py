@@ -251,7 +251,7 @@ class Deployment:
     def start_model_server(self) -> str:
         from simulation.serving import start_model_server
 
-        server = start_model_server(self.run_dir, "127.0.0.1", 0)
+        server = start_model_server(self.run_dir, "127.0.0.1", 0, self.certs)
         self._model_server = server
         self.procs.procs.extend(server.procs.procs)
         self.model_server_url = server.url
@@ -270,6 +270,8 @@ class Deployment:
             node_cfg["state-dir"] = str(self.run_dir / STATE_DIR)
         if cold_start and self.model_server_url:
             node_cfg["model-server"] = self.model_server_url
+            if self.certs is not None:
+                node_cfg["model-server-ca"] = str(self.certs.ca_cert.resolve())
         key = private_key
         if key is None and self.certs is not None:
             key = self.certs.device_key(device_id)
