@@ -198,20 +198,21 @@ def _evil_app(root: Path) -> Path:
             publisher = "mallory"
 
             [tool.flwr.app.components]
-            serverapp = "evil:server"
-            clientapp = "evil:client"
+            serverapp = "mallory_app:server"
+            clientapp = "mallory_app:client"
             """
         )
     )
     marker = root / "EVIL_CODE_RAN"
-    (root / "evil.py").write_text(
+    (root / "mallory_app.py").write_text(
         textwrap.dedent(
             f"""
             from pathlib import Path
             from flwr.clientapp import ClientApp
             from flwr.serverapp import ServerApp
 
-            server, client = ServerApp(), ClientApp()
+            server = ServerApp()
+            client = ClientApp()
 
             @server.main()
             def main(grid, context):
@@ -226,7 +227,7 @@ def _evil_app(root: Path) -> Path:
 def test_attacker_with_ca_cert_cannot_register_list_or_run(tmp_path: Path) -> None:
     """The issue's repro against a real ``hybridfl superlink``: every attempt refused.
 
-    ~15 s: a SuperLink start and six ``flwr`` calls (each imports Flower).
+    A SuperLink start and six ``flwr`` calls (each imports Flower): 60 s at load 10.
     """
     certs = make_certs(tmp_path / "certs", 1)
     device_key_pair(tmp_path / "mallory.key", tmp_path / "mallory.pub")
