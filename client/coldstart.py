@@ -27,6 +27,7 @@ def cold_start_metrics(
     data: DeviceData,
     batch_size: int,
     ca_cert: Path | None = None,
+    verify_key: Path | None = None,
 ) -> dict[str, float | int | bool]:
     """Fetch ``serving`` (verified, cached under the state folder) and evaluate it.
 
@@ -40,7 +41,9 @@ def cold_start_metrics(
 
     try:
         cache = state_root / CACHE_DIR
-        res = fetch_model(model_server, alias="serving", cache_dir=cache, ca_cert=ca_cert)
+        res = fetch_model(
+            model_server, alias="serving", cache_dir=cache, ca_cert=ca_cert, verify_key=verify_key
+        )
         model = load_fetched_model(res)
     except (FetchError, OSError, ValueError) as err:
         log.warning("cold-start fetch from %s failed: %s", model_server, err)

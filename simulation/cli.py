@@ -222,6 +222,13 @@ def fetch_cmd(
         Path | None,
         typer.Option(help="CA that signed the server's TLS certificate (e.g. CERTS/ca.crt)."),
     ] = None,
+    verify_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Publisher's Ed25519 key (CERTS/models-signing.pub): the manifest must be "
+            "signed by it (`hybridfl sign`), whoever serves it."
+        ),
+    ] = None,
 ) -> None:
     """Download a global model, verify its sha256 and check it loads into its model."""
     import shutil
@@ -236,7 +243,14 @@ def fetch_cmd(
     try:
         if ca_cert is not None and not ca_cert.is_file():
             fail(f"--ca-cert {ca_cert} does not exist")
-        res = fetch_model(url, version=version, alias=alias, cache_dir=cache_dir, ca_cert=ca_cert)
+        res = fetch_model(
+            url,
+            version=version,
+            alias=alias,
+            cache_dir=cache_dir,
+            ca_cert=ca_cert,
+            verify_key=verify_key,
+        )
         load_fetched_model(res)
     except FetchError as err:
         fail(str(err), code=1)
@@ -244,7 +258,8 @@ def fetch_cmd(
         fail(f"--cache-dir {cache_dir}: {err.strerror or err}", code=1)
     m = res.manifest
     how = f"downloaded {res.bytes} bytes" if res.downloaded else "cache is current"
-    echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}")
+    signed = ", signature verified" if verify_key is not None else ""
+    echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}{signed}")
     if out is not None:
         tmp = out.with_name(out.name + ".incomplete")
         try:
@@ -259,6 +274,28 @@ def fetch_cmd(
 
 
 cli.command()(report)
+
+
+@cli.command("sign")
+def sign_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (finished or running).")],
+    key: Annotated[Path, typer.Option(help="Ed25519 signing key (CERTS/models-signing.key).")],
+) -> None:
+    """Sign every unsigned version manifest of a run (detached Ed25519 signatures).
+
+    Devices and `hybridfl fetch --verify-key` then trust the weights whoever serves
+    them (a mirror, a cache). Run it again, e.g. after each round, for new versions.
+    """
+    from common.signing import SignatureError, load_private_key, sign_registry
+
+    if not (run_dir / REGISTRY_DIR).is_dir():
+        fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
+    try:
+        signed = sign_registry(run_dir / REGISTRY_DIR, load_private_key(key))
+    except SignatureError as err:
+        fail(f"--key: {err}")
+    echo(f"signed {len(signed)} version(s): {signed}" if signed else "every version is signed")
+
 
 from simulation.cli_deploy import register as _register_deploy  # noqa: E402
 

@@ -207,6 +207,13 @@ def device_cmd(
             help="CA of the model server's TLS certificate (default with --certs: CERTS/ca.crt)."
         ),
     ] = None,
+    model_server_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Publisher's Ed25519 key (models-signing.pub): the cold start accepts only "
+            "signed manifests (`hybridfl sign`)."
+        ),
+    ] = None,
     port: Annotated[
         int, port_option("Local Runtime API port of this SuperNode, 1-65535 (0: a free one).")
     ] = 0,
@@ -245,6 +252,10 @@ def device_cmd(
             if not ca.is_file():
                 fail(f"--model-server-ca {ca} does not exist")
             node_cfg["model-server-ca"] = str(ca.resolve())
+        if model_server_key is not None:
+            if not model_server_key.is_file():
+                fail(f"--model-server-key {model_server_key} does not exist")
+            node_cfg["model-server-key"] = str(model_server_key.resolve())
     if files is not None and key is None:
         key = files.device_key(device_id)
         if not key.is_file():

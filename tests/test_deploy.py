@@ -69,8 +69,16 @@ def test_certs_command_writes_ca_server_cert_and_device_keys(tmp_path: Path) -> 
         "device-0.pub",
         "device-1.key",
         "device-1.pub",
+        "models-signing.key",
+        "models-signing.pub",
     }
-    for private in ("ca.key", "superlink.key", "device-0.key", "device-1.key"):
+    for private in (
+        "ca.key",
+        "superlink.key",
+        "device-0.key",
+        "device-1.key",
+        "models-signing.key",
+    ):
         assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     srv = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
