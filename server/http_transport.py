@@ -106,9 +106,12 @@ def server_config(
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
     keep_alive_s: int = DEFAULT_KEEP_ALIVE_S,
     log_level: str | None = "warning",
+    http_protocol: type[Any] | None = None,
     **extra: object,
 ) -> uvicorn.Config:
     """uvicorn settings for our servers: TLS when both files are given, bounded waits.
+
+    ``http_protocol``: a subclass of ``protocol_with(...)`` (default: that class).
 
     ``proxy_headers`` is off: a client must not choose the address we see by
     sending ``X-Forwarded-For``.
@@ -126,7 +129,7 @@ def server_config(
         app,  # type: ignore[arg-type]
         host=host,
         port=port,
-        http=protocol_with(header_timeout_s),
+        http=http_protocol or protocol_with(header_timeout_s),
         timeout_keep_alive=keep_alive_s,
         ssl_certfile=str(certfile) if certfile else None,
         ssl_keyfile=str(keyfile) if keyfile else None,

@@ -267,10 +267,10 @@ def _hex_ip(text: str) -> str:
     return str(ipaddress.IPv6Address(full))
 
 
-def _tcp_table() -> list[list[str]]:
+def _tcp_table(names: tuple[str, ...] = ("tcp", "tcp6")) -> list[list[str]]:
     """Rows of /proc/net/tcp and tcp6 (Linux; empty elsewhere), split into columns."""
     rows = []
-    for name in ("tcp", "tcp6"):
+    for name in names:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
                 cols = line.split()
@@ -295,9 +295,11 @@ def tcp_peer_uid(client: tuple[str, int], server: tuple[str, int]) -> int | None
     Only a connection from this machine has its client end in our socket table, so
     ``None`` also means "not from this machine" (Linux; always ``None`` elsewhere).
     Like ``SO_PEERCRED`` for TCP: the kernel records who opened the socket, which a
-    client cannot choose.
+    client cannot choose. Reads one table (IPv4 or IPv6, by the client's address):
+    /proc is slow in some sandboxes (~20 ms a read), so call it once per connection.
     """
-    for cols in _tcp_table():
+    table = ("tcp6",) if ":" in client[0] else ("tcp",)
+    for cols in _tcp_table(table):
         (lip, lport), (rip, rport) = _endpoint(cols[1]), _endpoint(cols[2])
         if (
             lport == client[1]

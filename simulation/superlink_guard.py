@@ -24,26 +24,44 @@ arguments>``; ``simulation.deploy.superlink_command`` builds that line.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import os
+import posixpath
 import socket
 import sys
+from typing import Any
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from simulation.procs import tcp_peer_uid
 
-__all__ = ["CONTROL_PORT_FLAG", "ListenerGuard", "main", "public_path_allowed"]
+__all__ = [
+    "CONTROL_PORT_FLAG",
+    "PEER_UID_KEY",
+    "ListenerGuard",
+    "main",
+    "peer_uid_protocol",
+    "public_path_allowed",
+]
 
 CONTROL_PORT_FLAG = "--control-port"
 PUBLIC_PREFIX = "/v1/fleet/"
 PUBLIC_EXACT = frozenset({"/health"})
 PRIVATE_HOST = "127.0.0.1"
+PEER_UID_KEY = "hybridfl.peer_uid"
+"""Scope key: owner of the client socket, looked up once per connection (private listener)."""
 
 
 def public_path_allowed(path: str) -> bool:
-    """Whether ``path`` may be served on the network-facing listener (Fleet API only)."""
+    """Whether ``path`` may be served on the network-facing listener (Fleet API only).
+
+    Only normal paths: ``/v1/fleet/../control/x`` must not pass as a Fleet path,
+    whatever a router behind us would make of it.
+    """
+    if path != posixpath.normpath(path):
+        return False
     return path.startswith(PUBLIC_PREFIX) or path in PUBLIC_EXACT
 
 
@@ -67,8 +85,11 @@ class ListenerGuard:
                 "are reachable only on the SuperLink machine (its --control-port on "
                 "127.0.0.1)"
             )
-        client = scope.get("client")
-        owner = tcp_peer_uid(tuple(client), tuple(server)) if client else None  # type: ignore[arg-type]
+        if PEER_UID_KEY in scope:
+            owner = scope[PEER_UID_KEY]
+        else:  # a server without peer_uid_protocol: look it up per request
+            client = scope.get("client")
+            owner = tcp_peer_uid(tuple(client), tuple(server)) if client else None  # type: ignore[arg-type]
         if owner == self.uid:
             return None
         return "the Control API accepts connections only from the SuperLink's own user"
@@ -96,6 +117,25 @@ class ListenerGuard:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+def peer_uid_protocol(base: type[Any], private_port: int) -> type[Any]:
+    """``base`` (a uvicorn httptools protocol) that notes, once per connection to the
+    private listener, which user opened the client socket (``PEER_UID_KEY``)."""
+
+    class PeerUidProtocol(base):  # type: ignore[misc, valid-type]
+        _peer_uid: int | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            if self.server and self.client and self.server[1] == private_port:
+                self._peer_uid = tcp_peer_uid(tuple(self.client), tuple(self.server))
+
+        def on_headers_complete(self) -> None:
+            self.scope[PEER_UID_KEY] = self._peer_uid  # before the request task starts
+            super().on_headers_complete()
+
+    return PeerUidProtocol
 
 
 def _split_args(argv: list[str]) -> tuple[int, list[str]]:
@@ -136,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     from flwr.supercore.logger import console_handler
     from flwr.superlink.main import create_app
 
-    from server.http_transport import server_config
+    from server.http_transport import DEFAULT_HEADER_TIMEOUT_S, protocol_with, server_config
 
     # The package re-exports a function of the same name: import the module itself.
     fs = importlib.import_module("flwr.superlink.cli.flower_superlink")
@@ -157,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         certfile=config.ssl_certfile,
         keyfile=config.ssl_keyfile,
         log_level=None,
+        http_protocol=peer_uid_protocol(protocol_with(DEFAULT_HEADER_TIMEOUT_S), control_port),
         log_config=get_uvicorn_log_config(console_handler.level),
         access_log=True,
         lifespan="on",

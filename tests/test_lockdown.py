@@ -22,10 +22,11 @@ import pytest
 import uvicorn
 from starlette.types import Receive, Scope, Send
 
+from server.http_transport import protocol_with, server_config
 from simulation.certs import device_key_pair, make_certs
 from simulation.flwr_cli import flwr_env, free_port, parse_json_output, write_connection
 from simulation.procs import Processes, descendants, listening_sockets, tcp_peer_uid
-from simulation.superlink_guard import ListenerGuard, public_path_allowed
+from simulation.superlink_guard import ListenerGuard, peer_uid_protocol, public_path_allowed
 from tests.conftest import HYBRIDFL, assert_no_leftovers
 
 NOBODY = 65534
@@ -99,7 +100,10 @@ def guarded() -> Iterator[tuple[str, str]]:
         socks.append(s)
     public, private = (s.getsockname()[1] for s in socks)
     app = ListenerGuard(_echo, private)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    protocol = peer_uid_protocol(protocol_with(10.0), private)  # as the SuperLink runs it
+    server = uvicorn.Server(
+        server_config(app, "127.0.0.1", 0, http_protocol=protocol, lifespan="off")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": socks}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 10
@@ -160,6 +164,8 @@ def test_public_path_allowed() -> None:
     assert not public_path_allowed("/v1/control/list-runs")
     assert not public_path_allowed("/v1/runtime/get-run")
     assert not public_path_allowed("/health/x")
+    for sneaky in ("/v1/fleet/../control/list-runs", "/v1/fleet//x", "/v1/fleet/./x"):
+        assert not public_path_allowed(sneaky), sneaky
 
 
 # -- a real SuperLink and an attacker who has ca.crt ---------------------------------
