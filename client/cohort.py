@@ -61,7 +61,14 @@ def train_device(
         )
     # First join of a real device (no personal state yet): what the served model gives.
     cold = (
-        cold_start_metrics(env.model_server, store.root, data, task.evaluation.batch_size)
+        cold_start_metrics(
+            env.model_server,
+            store.root,
+            data,
+            task.evaluation.batch_size,
+            env.model_server_ca,
+            env.model_server_key,
+        )
         if state is None
         else {}
     )

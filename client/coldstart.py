@@ -22,7 +22,12 @@ CACHE_DIR = "model-cache"
 
 
 def cold_start_metrics(
-    model_server: str, state_root: Path, data: DeviceData, batch_size: int
+    model_server: str,
+    state_root: Path,
+    data: DeviceData,
+    batch_size: int,
+    ca_cert: Path | None = None,
+    verify_key: Path | None = None,
 ) -> dict[str, float | int | bool]:
     """Fetch ``serving`` (verified, cached under the state folder) and evaluate it.
 
@@ -35,7 +40,10 @@ def cold_start_metrics(
     from common.scoring import evaluate
 
     try:
-        res = fetch_model(model_server, alias="serving", cache_dir=state_root / CACHE_DIR)
+        cache = state_root / CACHE_DIR
+        res = fetch_model(
+            model_server, alias="serving", cache_dir=cache, ca_cert=ca_cert, verify_key=verify_key
+        )
         model = load_fetched_model(res)
     except (FetchError, OSError, ValueError) as err:
         log.warning("cold-start fetch from %s failed: %s", model_server, err)

@@ -8,7 +8,9 @@ the file into place, the way huggingface_hub's cache does. A device therefore
 never loads bytes that do not hash to what the server's manifest promised.
 
 What the hash does not give: protection from a malicious server (it sends the
-manifest too); that is TLS's and, later, signatures' job.
+manifest too); that is TLS's job (``ca_cert``: the server must hold a certificate
+from that CA) and the signatures' (``verify_key``: the manifest must be signed by
+the publisher's Ed25519 key, whoever serves it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import ssl
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +29,18 @@ import httpx
 
 from common.atomic import fsync_dir
 from common.manifest import ALIASES, VersionManifest, is_sha256_hex
+from common.signing import (
+    SignatureError,
+    SignatureRecord,
+    load_public_key,
+    verified_manifest_bytes,
+)
 
 if TYPE_CHECKING:
     import torch
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model"]
+__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model", "tls_context"]
 
 API = "/v1/models/global"
 CHUNK = 1 << 20
@@ -135,6 +145,12 @@ class _Fetcher:
             raise FetchError(f"request to {self.base_url}{path} failed: {exc}") from exc
 
     def _unreachable(self, exc: Exception) -> FetchError:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or isinstance(exc.__context__, ssl.SSLError):
+            return FetchError(
+                f"the TLS certificate of {self.base_url} did not verify ({exc}); pass the CA "
+                "that signed it (--ca-cert, node config model-server-ca), e.g. CERTS/ca.crt "
+                "from `hybridfl certs`"
+            )
         return FetchError(
             f"cannot reach the model server at {self.base_url} ({exc}); "
             "is `hybridfl serve` running?"
@@ -162,6 +178,33 @@ class _Fetcher:
             return VersionManifest.model_validate(data[payload_key] if payload_key else data)
         except (ValueError, KeyError, TypeError) as exc:
             raise FetchError(f"{what}: malformed manifest from {self.base_url}: {exc}") from exc
+
+    def signed(self, manifest: VersionManifest, public: Ed25519PublicKey) -> VersionManifest:
+        """The manifest as its signature vouches for it; FetchError when it does not."""
+        what = f"version {manifest.version}"
+        r = self._get(f"{API}/versions/{manifest.version}/signature")
+        if r.status_code == 404:
+            raise FetchError(f"{what} on {self.base_url} is not signed: {_detail(r)}")
+        if r.status_code != 200:
+            raise FetchError(f"{what} signature: HTTP {r.status_code}: {_detail(r)}")
+        try:
+            record = SignatureRecord.model_validate_json(r.content)
+            data = verified_manifest_bytes(record, public, manifest.version)
+            signed = VersionManifest.model_validate_json(data)
+        except SignatureError as exc:
+            raise FetchError(f"{what} from {self.base_url}: {exc}") from None
+        except ValueError as exc:
+            raise FetchError(f"{what}: malformed signature record: {exc}") from None
+        if (signed.version, signed.sha256, signed.size) != (
+            manifest.version,
+            manifest.sha256,
+            manifest.size,
+        ):
+            raise FetchError(
+                f"{what} from {self.base_url}: the served manifest names other weights "
+                f"({manifest.sha256[:16]}…) than the signed one ({signed.sha256[:16]}…)"
+            )
+        return signed
 
     def fetch(self, manifest: VersionManifest) -> FetchResult:
         sha = manifest.sha256
@@ -321,6 +364,8 @@ def fetch_model(
     timeout: float | httpx.Timeout = DEFAULT_TIMEOUT,
     progress: ProgressFn | None = None,
     client: httpx.Client | None = None,
+    ca_cert: Path | None = None,
+    verify_key: Path | None = None,
 ) -> FetchResult:
     """Fetch a verified global-model version into ``cache_dir``.
 
@@ -329,7 +374,11 @@ def fetch_model(
     version or alias, or bytes that do not verify (the bad file is deleted). An
     interrupted transfer leaves ``<sha>.safetensors.incomplete``; the next call
     resumes it. ``client`` lets a caller reuse a connection pool (its base_url
-    must be ``base_url``).
+    must be ``base_url``). ``ca_cert``: the server's certificate must be signed by
+    this CA (an ``https://`` URL is required then); without it, the system's CAs.
+    ``verify_key``: an Ed25519 public key (``models-signing.pub``); the version's
+    manifest must carry a signature by it (``hybridfl sign``), which makes the
+    weights trusted whoever served them.
     """
     base_url = base_url.rstrip("/")
     if version is None and alias not in ALIASES:  # it goes into a URL path: known names only
@@ -339,15 +388,39 @@ def fetch_model(
         )
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    verify = tls_context(base_url, ca_cert)
+    try:
+        public = load_public_key(verify_key) if verify_key is not None else None
+    except SignatureError as exc:
+        raise FetchError(str(exc)) from None
     own = client is None
-    session = client or httpx.Client(base_url=base_url, timeout=timeout, follow_redirects=False)
+    session = client or httpx.Client(
+        base_url=base_url, timeout=timeout, follow_redirects=False, verify=verify
+    )
     try:
         fetcher = _Fetcher(session, base_url, cache_dir, progress)
         manifest = fetcher.manifest(version, alias)
+        if public is not None:
+            manifest = fetcher.signed(manifest, public)
         return fetcher.fetch(manifest)
     finally:
         if own:
             session.close()
+
+
+def tls_context(base_url: str, ca_cert: Path | None) -> ssl.SSLContext | bool:
+    """What verifies the server: our CA when given (https only), else the system's."""
+    if ca_cert is None:
+        return True
+    if not base_url.startswith("https://"):
+        raise FetchError(
+            f"a CA certificate ({ca_cert}) was given but {base_url} is not https://: "
+            "use the https:// URL of a model server started with --certfile/--keyfile"
+        )
+    try:
+        return ssl.create_default_context(cafile=str(ca_cert))
+    except (OSError, ssl.SSLError) as exc:
+        raise FetchError(f"CA certificate {ca_cert} cannot be loaded: {exc}") from exc
 
 
 def load_fetched_model(result: FetchResult) -> torch.nn.Module:

@@ -27,6 +27,8 @@ RUN_DIR_KEY = "run-dir"
 DATA_KEY = "data"
 STATE_DIR_KEY = "state-dir"
 MODEL_SERVER_KEY = "model-server"
+MODEL_SERVER_CA_KEY = "model-server-ca"
+MODEL_SERVER_KEY_KEY = "model-server-key"
 DEVICE_FILE_KEYS = ("x_train", "y_train", "x_test", "y_test")
 """Arrays of a device data file (``hybridfl device-data``): one device's split only."""
 
@@ -51,6 +53,10 @@ class DeviceEnv:
     state_dir: Path | None = None
     model_server: str = ""
     """Model server URL for the cold-start fetch (deployment only; empty: none)."""
+    model_server_ca: Path | None = None
+    """CA that signed the model server's TLS certificate (None: the system's CAs)."""
+    model_server_key: Path | None = None
+    """Publisher's Ed25519 public key: served manifests must be signed by it (None: no check)."""
 
     def cohort(self, requested: list[int]) -> list[int]:
         """The devices to run for a message that names ``requested``."""
@@ -100,6 +106,8 @@ def device_env(context: Context, server_run_dir: str = "") -> DeviceEnv:
         Path(data) if data else None,
         Path(state) if state else None,
         str(nc.get(MODEL_SERVER_KEY, "") or ""),
+        Path(str(ca)) if (ca := nc.get(MODEL_SERVER_CA_KEY)) else None,
+        Path(str(pub)) if (pub := nc.get(MODEL_SERVER_KEY_KEY)) else None,
     )
 
 

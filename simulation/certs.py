@@ -11,6 +11,8 @@ Layout of ``OUT_DIR`` (private keys are chmod 600)::
     superlink.crt  superlink.key   SuperLink TLS certificate (SAN = the given hosts)
     device-K.key  device-K.pub     device K's node-authentication key pair
                                    (EC P-384, OpenSSH format, as Flower expects)
+    models-signing.key  .pub       Ed25519 key that signs model manifests
+                                   (``hybridfl sign``; devices verify with the .pub)
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from common.signing import SIGNING_KEY, SIGNING_PUB, generate_signing_key
 
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 CA_CERT = "ca.crt"
@@ -58,6 +62,14 @@ class CertFiles:
 
     def device_pub(self, device_id: int) -> Path:
         return self.root / f"device-{device_id}.pub"
+
+    @property
+    def signing_key(self) -> Path:
+        return self.root / SIGNING_KEY
+
+    @property
+    def signing_pub(self) -> Path:
+        return self.root / SIGNING_PUB
 
 
 def default_certs_dir() -> Path:
@@ -113,7 +125,10 @@ def make_certs(
     out_dir: Path, devices: int, hosts: list[str] | None = None, first_device: int = 0
 ) -> CertFiles:
     """Create a throwaway CA, a SuperLink certificate for ``hosts`` and device keys."""
+    # The loopback names are always in: the SuperLink's own ServerApp reaches its
+    # Control/Runtime listener on 127.0.0.1 with this certificate.
     hosts = list(hosts or DEFAULT_HOSTS)
+    hosts += [h for h in DEFAULT_HOSTS if h not in hosts]
     out_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(out_dir, 0o700)  # private keys inside: not the umask's choice
     files = CertFiles(out_dir)
@@ -173,6 +188,7 @@ def make_certs(
     _write(files.server_cert, srv_cert.public_bytes(serialization.Encoding.PEM), private=False)
     for k in range(first_device, first_device + devices):
         device_key_pair(files.device_key(k), files.device_pub(k))
+    generate_signing_key(files.signing_key, files.signing_pub)
     return files
 
 

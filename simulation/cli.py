@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from common.rundir import LOG_DIR, REGISTRY_DIR, SUMMARY_FILE
+from server.http_transport import DEFAULT_HEADER_TIMEOUT_S, DEFAULT_KEEP_ALIVE_S
 from simulation import typer_compat
 from simulation.cli_common import (
     SetOpt,
@@ -25,6 +26,7 @@ from simulation.cli_common import (
     prepare,
     prepare_resume,
     signals_as_interrupt,
+    warn,
 )
 from simulation.report import report
 
@@ -159,23 +161,43 @@ def serve_cmd(
         Path | None,
         typer.Option(help="File holding the write-API token (else env HYBRIDFL_TOKEN)."),
     ] = None,
+    certfile: Annotated[
+        Path | None,
+        typer.Option(help="TLS certificate (e.g. CERTS/superlink.crt from `hybridfl certs`)."),
+    ] = None,
+    keyfile: Annotated[Path | None, typer.Option(help="TLS private key of --certfile.")] = None,
+    header_timeout: Annotated[
+        float,
+        typer.Option(min=0.1, help="Seconds a client has to send a request's headers."),
+    ] = DEFAULT_HEADER_TIMEOUT_S,
+    keep_alive: Annotated[
+        int, typer.Option(min=1, help="Seconds an idle keep-alive connection stays open.")
+    ] = DEFAULT_KEEP_ALIVE_S,
 ) -> None:
-    """Serve a run's global-model versions over HTTP (read API public, writes token-gated)."""
+    """Serve a run's global-model versions over HTTP(S) (read API public, writes token-gated)."""
     import os
     import signal
 
     import uvicorn
 
     from server.http import create_app, load_token
+    from server.http_transport import server_config
 
     if not (run_dir / REGISTRY_DIR).is_dir():
         fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
+    if (certfile is None) != (keyfile is None):
+        fail("TLS needs both --certfile and --keyfile (create them with `hybridfl certs`)")
+    for opt, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        if path is not None and not path.is_file():
+            fail(f"{opt} {path} does not exist")
     try:
         token = load_token(file=token_file)
     except ValueError as err:
         fail(str(err))
     if token is None:
         echo("write API disabled (set HYBRIDFL_TOKEN or --token-file to enable it)")
+    elif certfile is None and host not in ("127.0.0.1", "localhost", "::1"):
+        warn(f"the write token travels in clear text to {host}: add --certfile/--keyfile")
     # uvicorn shuts down gracefully on SIGINT and SIGTERM, then raises the signal again
     # under the handlers it found: ours, which end like Ctrl-C. SIGHUP (a closed
     # terminal) is passed on as SIGTERM, so it shuts down gracefully too.
@@ -185,11 +207,21 @@ def serve_cmd(
         port = free_port()
     signals_as_interrupt()
     signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
-    echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
+    scheme = "https" if certfile else "http"
+    echo(f"serving {run_dir} at {scheme}://{host}:{port}  (docs: /docs)")
     try:
         app = create_app(run_dir, token)
+        cfg = server_config(
+            app,
+            host,
+            port,
+            certfile=certfile,
+            keyfile=keyfile,
+            header_timeout_s=header_timeout,
+            keep_alive_s=keep_alive,
+        )
         # uvicorn.Server, not uvicorn.run: the latter swallows KeyboardInterrupt
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
+        uvicorn.Server(cfg).run()
     except KeyboardInterrupt as err:
         exit_interrupted(err, "the model server is stopped")
 
@@ -203,6 +235,17 @@ def fetch_cmd(
     cache_dir: Annotated[
         Path, typer.Option(help="Download cache (resumable, content-addressed).")
     ] = DEFAULT_CACHE,
+    ca_cert: Annotated[
+        Path | None,
+        typer.Option(help="CA that signed the server's TLS certificate (e.g. CERTS/ca.crt)."),
+    ] = None,
+    verify_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Publisher's Ed25519 key (CERTS/models-signing.pub): the manifest must be "
+            "signed by it (`hybridfl sign`), whoever serves it."
+        ),
+    ] = None,
 ) -> None:
     """Download a global model, verify its sha256 and check it loads into its model."""
     import shutil
@@ -215,7 +258,16 @@ def fetch_cmd(
         if not out.parent.is_dir():
             fail(f"--out {out}: folder {out.parent} does not exist; create it first")
     try:
-        res = fetch_model(url, version=version, alias=alias, cache_dir=cache_dir)
+        if ca_cert is not None and not ca_cert.is_file():
+            fail(f"--ca-cert {ca_cert} does not exist")
+        res = fetch_model(
+            url,
+            version=version,
+            alias=alias,
+            cache_dir=cache_dir,
+            ca_cert=ca_cert,
+            verify_key=verify_key,
+        )
         load_fetched_model(res)
     except FetchError as err:
         fail(str(err), code=1)
@@ -223,7 +275,8 @@ def fetch_cmd(
         fail(f"--cache-dir {cache_dir}: {err.strerror or err}", code=1)
     m = res.manifest
     how = f"downloaded {res.bytes} bytes" if res.downloaded else "cache is current"
-    echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}")
+    signed = ", signature verified" if verify_key is not None else ""
+    echo(f"version {m.version} (round {m.round}) sha256 {res.sha256[:16]}… {how}{signed}")
     if out is not None:
         tmp = out.with_name(out.name + ".incomplete")
         try:
@@ -238,6 +291,28 @@ def fetch_cmd(
 
 
 cli.command()(report)
+
+
+@cli.command("sign")
+def sign_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (finished or running).")],
+    key: Annotated[Path, typer.Option(help="Ed25519 signing key (CERTS/models-signing.key).")],
+) -> None:
+    """Sign every unsigned version manifest of a run (detached Ed25519 signatures).
+
+    Devices and `hybridfl fetch --verify-key` then trust the weights whoever serves
+    them (a mirror, a cache). Run it again, e.g. after each round, for new versions.
+    """
+    from common.signing import SignatureError, load_private_key, sign_registry
+
+    if not (run_dir / REGISTRY_DIR).is_dir():
+        fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
+    try:
+        signed = sign_registry(run_dir / REGISTRY_DIR, load_private_key(key))
+    except SignatureError as err:
+        fail(f"--key: {err}")
+    echo(f"signed {len(signed)} version(s): {signed}" if signed else "every version is signed")
+
 
 from simulation.cli_deploy import register as _register_deploy  # noqa: E402
 

@@ -25,7 +25,7 @@ from simulation.cli_common import (
     signals_as_interrupt,
     warn,
 )
-from simulation.deploy import DEFAULT_SUPERLINK_PORT
+from simulation.deploy import DEFAULT_CONTROL_PORT, DEFAULT_SUPERLINK_PORT
 
 CertsOpt = Annotated[
     Path | None,
@@ -107,10 +107,19 @@ def certs_cmd(
 
 def superlink_cmd(
     certs: CertsOpt = None,
-    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: all).")] = "127.0.0.1",
+    host: Annotated[
+        str, typer.Option(help="Address of the Fleet API, the one devices reach (0.0.0.0: all).")
+    ] = "127.0.0.1",
     port: Annotated[
-        int, port_option("Port of the Fleet, Control and Runtime APIs, 1-65535.")
+        int, port_option("Port of the Fleet API (devices connect here), 1-65535.")
     ] = DEFAULT_SUPERLINK_PORT,
+    control_port: Annotated[
+        int,
+        port_option(
+            "Port of the Control and Runtime APIs (`flwr`, `hybridfl run`), always on "
+            "127.0.0.1 and for this user only, 1-65535."
+        ),
+    ] = DEFAULT_CONTROL_PORT,
     register_keys: Annotated[
         bool,
         typer.Option(
@@ -125,8 +134,10 @@ def superlink_cmd(
 ) -> None:
     """Start a Flower SuperLink for real devices: TLS and SuperNode authentication on.
 
-    Wraps `flower-superlink --ssl-certfile/--ssl-keyfile/--ssl-ca-certfile
-    --enable-supernode-auth`; more keys can be added later with
+    Flower's SuperLink (`--ssl-certfile/--ssl-keyfile/--ssl-ca-certfile
+    --enable-supernode-auth`) with only the Fleet API on --host:--port; `flwr` and
+    `hybridfl run` use 127.0.0.1:--control-port on this machine, as this user. More
+    keys can be added later with
     `FLWR_HOME=HOME flwr supernode register KEY.pub hybridfl-superlink`.
     """
     from simulation.certs import CertFiles
@@ -137,16 +148,22 @@ def superlink_cmd(
 
     files = _certs(certs, insecure, "the SuperLink")
     assert files is None or isinstance(files, CertFiles)
+    if control_port == port:
+        fail(f"--control-port {control_port} equals --port: give the Control API its own port")
     home = home.resolve()
-    write_connection(home, f"127.0.0.1:{port}", files.ca_cert if files else None)
+    write_connection(home, f"127.0.0.1:{control_port}", files.ca_cert if files else None)
     env = flwr_env(home)
     procs = Processes()
     signals_as_interrupt()
     log = home / SUPERLINK_LOG
     try:
-        proc = procs.start(superlink_command(port, host, files), env, log, plain=True)
+        cmd = superlink_command(port, control_port, host, files)
+        proc = procs.start(cmd, env, log, plain=True)
         wait_superlink(port, proc, log, files.ca_cert if files else None)
-        echo(f"SuperLink up on {host}:{port} (log {log})")
+        echo(
+            f"SuperLink up: devices connect to {host}:{port}; `hybridfl run` and `flwr` "
+            f"to 127.0.0.1:{control_port} (log {log})"
+        )
         if files is not None and register_keys:
             for pub in sorted(files.root.glob("device-*.pub")):
                 echo(f"registered {pub.name}: node {register_key(pub, env)}")
@@ -162,7 +179,9 @@ def superlink_cmd(
 
 
 def device_cmd(
-    superlink: Annotated[str, typer.Option("--superlink", help="SuperLink HOST:PORT.")],
+    superlink: Annotated[
+        str, typer.Option("--superlink", help="The SuperLink's Fleet API, HOST:PORT.")
+    ],
     device_id: Annotated[int, typer.Option("--device-id", min=0, help="This device's id.")],
     run_dir: Annotated[
         Path | None,
@@ -182,6 +201,19 @@ def device_cmd(
     model_server: Annotated[
         str, typer.Option(help="Model server URL for the cold-start fetch (optional).")
     ] = "",
+    model_server_ca: Annotated[
+        Path | None,
+        typer.Option(
+            help="CA of the model server's TLS certificate (default with --certs: CERTS/ca.crt)."
+        ),
+    ] = None,
+    model_server_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="Publisher's Ed25519 key (models-signing.pub): the cold start accepts only "
+            "signed manifests (`hybridfl sign`)."
+        ),
+    ] = None,
     port: Annotated[
         int, port_option("Local Runtime API port of this SuperNode, 1-65535 (0: a free one).")
     ] = 0,
@@ -215,6 +247,15 @@ def device_cmd(
         node_cfg["state-dir"] = str(state_dir.resolve())
     if model_server:
         node_cfg["model-server"] = model_server
+        ca = model_server_ca or (files.ca_cert if files is not None else None)
+        if ca is not None and model_server.startswith("https://"):
+            if not ca.is_file():
+                fail(f"--model-server-ca {ca} does not exist")
+            node_cfg["model-server-ca"] = str(ca.resolve())
+        if model_server_key is not None:
+            if not model_server_key.is_file():
+                fail(f"--model-server-key {model_server_key} does not exist")
+            node_cfg["model-server-key"] = str(model_server_key.resolve())
     if files is not None and key is None:
         key = files.device_key(device_id)
         if not key.is_file():
@@ -239,8 +280,12 @@ def device_cmd(
 def run_cmd(
     config: Annotated[Path | None, typer.Argument(help="Experiment TOML.")] = None,
     superlink: Annotated[
-        str, typer.Option("--superlink", help="SuperLink HOST:PORT (its Control API).")
-    ] = f"127.0.0.1:{DEFAULT_SUPERLINK_PORT}",
+        str,
+        typer.Option(
+            "--superlink",
+            help="The SuperLink's Control API: 127.0.0.1:CONTROL_PORT on its machine.",
+        ),
+    ] = f"127.0.0.1:{DEFAULT_CONTROL_PORT}",
     certs: CertsOpt = None,
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder.")] = None,

@@ -6,11 +6,16 @@ and node authentication are Flower's; we only choose arguments, keep every proce
 in one ``Processes`` (so all of them stop, also on Ctrl-C), and give each its own
 ``FLWR_HOME``, port and log. The ClientApp and ServerApp are the very ones that run
 under Ray; a device finds its data and personal state from its ``node_config``.
+
+The SuperLink runs through ``simulation.superlink_guard``: devices reach only its
+Fleet API (``port``); the Control API (``flwr run``, ``flwr supernode register``) is
+on ``127.0.0.1:control_port``, for the SuperLink's own user only.
 """
 
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,8 +49,12 @@ from simulation.runner import (
     failure_of,
     follow_run,
 )
+from simulation.superlink_guard import CONTROL_PORT_FLAG
 
-DEFAULT_SUPERLINK_PORT = 9093
+DEFAULT_SUPERLINK_PORT = 9092
+"""The Fleet API, the one port devices connect to (Flower's traditional Fleet port)."""
+DEFAULT_CONTROL_PORT = 9093
+"""Control and Runtime APIs, on 127.0.0.1 only (Flower's traditional Control port)."""
 CERTS_DIR = "certs"
 DEVICE_DATA_DIR = "device_data"
 TASK_POLL_S = "0.2"
@@ -68,10 +77,19 @@ def node_config_arg(values: dict[str, str | int]) -> str:
 
 
 def superlink_command(
-    port: int, host: str = "127.0.0.1", certs: CertFiles | None = None, database: Path | None = None
+    port: int,
+    control_port: int,
+    host: str = "127.0.0.1",
+    certs: CertFiles | None = None,
+    database: Path | None = None,
 ) -> list[str]:
-    """``flower-superlink`` for real SuperNodes: TLS + node auth unless ``certs`` is None."""
-    cmd = ["flower-superlink", "--host", host, "--port", str(port)]
+    """Flower's SuperLink for real SuperNodes: TLS + node auth unless ``certs`` is None.
+
+    Fleet API on ``host:port``, Control and Runtime APIs on ``127.0.0.1:control_port``
+    (``simulation.superlink_guard``).
+    """
+    cmd = [sys.executable, "-m", "simulation.superlink_guard"]
+    cmd += [CONTROL_PORT_FLAG, str(control_port), "--host", host, "--port", str(port)]
     cmd += ["--isolation", "subprocess", "--disable-runtime-dependency-installation"]
     if certs is None:
         cmd.append("--insecure")
@@ -174,6 +192,7 @@ class Deployment:
     run_dir: Path
     certs: CertFiles | None
     port: int = 0
+    control_port: int = 0
     procs: Processes = field(default_factory=Processes)
     devices: dict[int, Processes] = field(default_factory=dict)
     model_server_url: str = ""
@@ -183,11 +202,13 @@ class Deployment:
     def __post_init__(self) -> None:
         self.run_dir = self.run_dir.resolve()
         self.port = self.port or free_port()
+        while not self.control_port or self.control_port == self.port:
+            self.control_port = free_port()
         self.logs = self.run_dir / LOG_DIR
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.run_dir / FLWR_HOME_DIR
         ca = self.certs.ca_cert if self.certs else None
-        write_connection(self.flwr_home, self.address, ca)
+        write_connection(self.flwr_home, self.control_address, ca)
         self.env = flwr_env(self.flwr_home)
         self.env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", TASK_POLL_S)
         self.device_data: dict[int, Path] = {}
@@ -195,11 +216,17 @@ class Deployment:
 
     @property
     def address(self) -> str:
+        """The Fleet API: what devices connect to."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The Control API: what ``flwr`` (run, ls, supernode register) connects to."""
+        return f"127.0.0.1:{self.control_port}"
 
     def start_superlink(self) -> None:
         log = self.logs / SUPERLINK_LOG
-        cmd = superlink_command(self.port, "127.0.0.1", self.certs)
+        cmd = superlink_command(self.port, self.control_port, "127.0.0.1", self.certs)
         self.link = self.procs.start(cmd, self.env, log, cwd=self.run_dir, plain=True)
         wait_superlink(self.port, self.link, log, self.certs.ca_cert if self.certs else None)
 
@@ -224,7 +251,7 @@ class Deployment:
     def start_model_server(self) -> str:
         from simulation.serving import start_model_server
 
-        server = start_model_server(self.run_dir, "127.0.0.1", 0)
+        server = start_model_server(self.run_dir, "127.0.0.1", 0, self.certs)
         self._model_server = server
         self.procs.procs.extend(server.procs.procs)
         self.model_server_url = server.url
@@ -243,6 +270,8 @@ class Deployment:
             node_cfg["state-dir"] = str(self.run_dir / STATE_DIR)
         if cold_start and self.model_server_url:
             node_cfg["model-server"] = self.model_server_url
+            if self.certs is not None:
+                node_cfg["model-server-ca"] = str(self.certs.ca_cert.resolve())
         key = private_key
         if key is None and self.certs is not None:
             key = self.certs.device_key(device_id)
@@ -343,6 +372,7 @@ def deploy(
 
 
 __all__ = [
+    "DEFAULT_CONTROL_PORT",
     "DEFAULT_SUPERLINK_PORT",
     "Deployment",
     "deploy",

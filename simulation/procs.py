@@ -267,16 +267,56 @@ def _hex_ip(text: str) -> str:
     return str(ipaddress.IPv6Address(full))
 
 
-def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
-    """TCP sockets in LISTEN state held by ``pids``: (pid, address, port) (Linux)."""
-    table: dict[str, tuple[str, int]] = {}
-    for name in ("tcp", "tcp6"):
+def _tcp_table(names: tuple[str, ...] = ("tcp", "tcp6")) -> list[list[str]]:
+    """Rows of /proc/net/tcp and tcp6 (Linux; empty elsewhere), split into columns."""
+    rows = []
+    for name in names:
         with contextlib.suppress(OSError):
             for line in Path(f"/proc/net/{name}").read_text().splitlines()[1:]:
                 cols = line.split()
-                if len(cols) > 9 and cols[3] == "0A":  # TCP_LISTEN
-                    ip, port = cols[1].split(":")
-                    table[cols[9]] = (_hex_ip(ip), int(port, 16))
+                if len(cols) > 9:
+                    rows.append(cols)
+    return rows
+
+
+def _endpoint(col: str) -> tuple[str, int]:
+    ip, port = col.split(":")
+    return _hex_ip(ip), int(port, 16)
+
+
+def _same_host(a: str, b: str) -> bool:
+    """``a == b``, an IPv4 address also matching its IPv4-mapped IPv6 form."""
+    return a.removeprefix("::ffff:") == b.removeprefix("::ffff:")
+
+
+def tcp_peer_uid(client: tuple[str, int], server: tuple[str, int]) -> int | None:
+    """The user id owning the *client* end of a TCP connection to one of our servers.
+
+    Only a connection from this machine has its client end in our socket table, so
+    ``None`` also means "not from this machine" (Linux; always ``None`` elsewhere).
+    Like ``SO_PEERCRED`` for TCP: the kernel records who opened the socket, which a
+    client cannot choose. Reads one table (IPv4 or IPv6, by the client's address):
+    /proc is slow in some sandboxes (~20 ms a read), so call it once per connection.
+    """
+    table = ("tcp6",) if ":" in client[0] else ("tcp",)
+    for cols in _tcp_table(table):
+        (lip, lport), (rip, rport) = _endpoint(cols[1]), _endpoint(cols[2])
+        if (
+            lport == client[1]
+            and rport == server[1]
+            and _same_host(lip, client[0])
+            and _same_host(rip, server[0])
+        ):
+            return int(cols[7])
+    return None
+
+
+def listening_sockets(pids: list[int]) -> list[tuple[int, str, int]]:
+    """TCP sockets in LISTEN state held by ``pids``: (pid, address, port) (Linux)."""
+    table: dict[str, tuple[str, int]] = {}
+    for cols in _tcp_table():
+        if cols[3] == "0A":  # TCP_LISTEN
+            table[cols[9]] = _endpoint(cols[1])
     out = []
     for pid in pids:
         for inode in _inodes_of(pid):

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from common.rundir import LOG_DIR, REGISTRY_DIR
+from simulation.certs import CertFiles
 from simulation.flwr_cli import RunnerError, free_port, wait_http_ok
 from simulation.procs import Processes, descendants, listening_sockets
 
@@ -52,8 +53,14 @@ def check_port_free(host: str, port: int) -> None:
             ) from None
 
 
-def start_model_server(run_dir: Path, host: str = "127.0.0.1", port: int = 0) -> ModelServer:
-    """Start ``hybridfl serve`` on the run folder and wait until it answers, as itself."""
+def start_model_server(
+    run_dir: Path, host: str = "127.0.0.1", port: int = 0, certs: CertFiles | None = None
+) -> ModelServer:
+    """Start ``hybridfl serve`` on the run folder and wait until it answers, as itself.
+
+    ``certs``: HTTPS with the certificate folder's server certificate (its hosts),
+    checked against its CA while waiting.
+    """
     if port:
         check_port_free(host, port)
     else:
@@ -62,19 +69,26 @@ def start_model_server(run_dir: Path, host: str = "127.0.0.1", port: int = 0) ->
     procs = Processes()
     log = run_dir / LOG_DIR / MODEL_SERVER_LOG
     cmd = [sys.executable, "-m", "simulation.cli", "serve", str(run_dir)]
-    proc = procs.start([*cmd, "--host", host, "--port", str(port)], env=None, log=log)
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    cmd += ["--host", host, "--port", str(port)]
+    if certs is not None:
+        cmd += ["--certfile", str(certs.server_cert), "--keyfile", str(certs.server_key)]
+    proc = procs.start(cmd, env=None, log=log)
+    scheme = "https" if certs is not None else "http"
+    url = f"{scheme}://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    verify: str | bool = str(certs.ca_cert) if certs is not None else False
 
     def ours(_: httpx.Response) -> bool:
         pids = [proc.pid, *descendants(proc.pid)]
         return any(p == port for _, _, p in listening_sockets(pids))
 
     try:
-        wait_http_ok(f"{url}/healthz", proc, log, "the model server", START_TIMEOUT_S, accept=ours)
+        wait_http_ok(
+            f"{url}/healthz", proc, log, "the model server", START_TIMEOUT_S, verify, accept=ours
+        )
     except RunnerError:
         procs.stop_all(grace_s=2)
         raise
-    return ModelServer(f"http://{host}:{port}", procs)
+    return ModelServer(f"{scheme}://{host}:{port}", procs)
 
 
 __all__ = ["ModelServer", "check_port_free", "start_model_server"]

@@ -70,8 +70,16 @@ def test_certs_command_writes_ca_server_cert_and_device_keys(tmp_path: Path) -> 
         "device-0.pub",
         "device-1.key",
         "device-1.pub",
+        "models-signing.key",
+        "models-signing.pub",
     }
-    for private in ("ca.key", "superlink.key", "device-0.key", "device-1.key"):
+    for private in (
+        "ca.key",
+        "superlink.key",
+        "device-0.key",
+        "device-1.key",
+        "models-signing.key",
+    ):
         assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
     ca = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
     srv = x509.load_pem_x509_certificate((out / "superlink.crt").read_bytes())
@@ -229,12 +237,23 @@ def test_superlink_device_and_run_commands(tmp_path: Path) -> None:
     prepare_run_dir(load_config(None, sets), prep)
     data1 = export_device_data(prep, 1, tmp_path / "dev1" / "device-1.npz")
     out, port, procs = tmp_path / "real", free_port(), Processes()
+    control = next(p for p in iter(free_port, None) if p != port)
     link = f"127.0.0.1:{port}"
     common = ["--superlink", link, "--certs", str(certs.root)]
+    control_link = ["--superlink", f"127.0.0.1:{control}", "--certs", str(certs.root)]
+    control_port = ["--control-port", str(control)]
     try:
         log = tmp_path / "superlink.out"
         procs.start(
-            [*HYBRIDFL, "superlink", "--certs", str(certs.root), "--port", str(port)],
+            [
+                *HYBRIDFL,
+                "superlink",
+                "--certs",
+                str(certs.root),
+                "--port",
+                str(port),
+                *control_port,
+            ],
             None,
             log,
             cwd=tmp_path,
@@ -261,7 +280,7 @@ def test_superlink_device_and_run_commands(tmp_path: Path) -> None:
             [
                 *HYBRIDFL,
                 "run",
-                *common,
+                *control_link,
                 "--out",
                 str(out),
                 *[a for s in sets for a in ("--set", s)],
