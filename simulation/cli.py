@@ -150,6 +150,7 @@ def serve_cmd(
     import uvicorn
 
     from server.http import create_app, load_token
+    from simulation.history import history_text
 
     if not (run_dir / REGISTRY_DIR).is_dir():
         fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
@@ -169,6 +170,7 @@ def serve_cmd(
     signals_as_interrupt()
     signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     echo(f"serving {run_dir} at http://{host}:{port}  (docs: /docs)")
+    echo(history_text(run_dir))
     try:
         app = create_app(run_dir, token)
         # uvicorn.Server, not uvicorn.run: the latter swallows KeyboardInterrupt
