@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.config_rollout import RolloutConfig
 from common.personalization import ALGORITHMS
 
 DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
@@ -245,6 +246,7 @@ class ExperimentConfig(_Section):
     simulation: SimulationConfig = SimulationConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
+    rollout: RolloutConfig = RolloutConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -411,6 +413,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

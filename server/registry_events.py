@@ -25,6 +25,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.atomic import fsync_dir
+from common.rows_serving import Analysis
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +37,6 @@ EventKind = Literal["move", "reject", "alert"]
 """``move``: an alias now points elsewhere. ``reject``: a rollout aborted; the
 candidate's devices went back to ``to_version`` (no alias file changes).
 ``alert``: a monitor fired (no alias file changes)."""
-
-
-class Analysis(BaseModel):
-    """What a rollout analysis measured: candidate vs serving on the same devices."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    devices: int = Field(ge=0, description="Devices measured on both versions.")
-    candidate_acc: float
-    serving_acc: float
-    candidate_loss: float
-    serving_loss: float
-    share_hurt: float = Field(description="Share of devices the candidate made worse.")
-    passed: bool
-    failures: int = Field(0, ge=0, description="Failed measurements in this step so far.")
-    share: float = Field(0.0, ge=0.0, le=1.0, description="Candidate share of the step.")
 
 
 class RegistryEvent(BaseModel):
