@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.config_rollout import RolloutConfig
+from common.config_scenario import ScenarioConfig
 from common.personalization import ALGORITHMS
 
 DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
@@ -247,6 +248,7 @@ class ExperimentConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
     rollout: RolloutConfig = RolloutConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

@@ -87,11 +87,14 @@ def task_for(
     preaggregate: bool = False,
 ) -> RoundInstructions:
     """The one place a device task is derived from the experiment config."""
+    client = cfg.client
+    if cfg.scenario.lr_spike_round and round_ == cfg.scenario.lr_spike_round:
+        client = client.model_copy(update={"lr": client.lr * cfg.scenario.lr_spike_factor})
     return RoundInstructions(
         round=round_,
         seed=cfg.seed,
         model_spec=model_spec_json,
-        client=cfg.client,
+        client=client,
         evaluation=cfg.evaluation,
         torch_threads=cfg.simulation.torch_threads,
         run_dir=run_dir,

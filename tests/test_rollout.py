@@ -242,3 +242,12 @@ def test_immediate_keeps_the_metrics_rows_byte_for_byte(tmp_path: Path) -> None:
     assert b"serving" not in (a / METRICS_FILE).read_bytes()
     assert Registry(b / REGISTRY_DIR).resolve_alias("serving") == 2
     assert read_state(b / REGISTRY_DIR) is None
+
+
+def test_lr_spike_scenario_changes_that_round_only() -> None:
+    from common.protocol import task_for
+
+    cfg = load_config(None, ["scenario.lr_spike_round=3", "scenario.lr_spike_factor=20"])
+    lrs = [task_for(cfg, r, "{}", "").client.lr for r in (2, 3, 4)]
+    assert lrs == [cfg.client.lr, cfg.client.lr * 20, cfg.client.lr]
+    assert task_for(load_config(None), 0, "{}", "").client == load_config(None).client
