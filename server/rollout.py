@@ -186,7 +186,11 @@ class Rollout:
         st = self.state
         st.round = round_
         self._ids = self.population_ids()
-        serving = self.registry.alias("serving")
+        try:
+            serving = self.registry.alias("serving")
+        except RegistryError as exc:  # a damaged alias file: an operator's to fix
+            log.error("rollout paused this round: %s", exc)
+            return row
         if serving is None:  # nothing published (a loop without a registry)
             return row
         decision = self._respect_humans(serving.version)
@@ -196,8 +200,8 @@ class Rollout:
         ids = sorted(set(evaluated)) if row.evaluated else []
         analysis_devices: list[int] = []
         if st.active:
-            ranked = [int(d) for d in self.order[: share_count(st.share, self.order.size)]]
-            analysis_devices = sorted(ranked[: self.analysis_cap])
+            k = min(share_count(st.share, self.order.size), self.analysis_cap)
+            analysis_devices = sorted(int(d) for d in self.order[:k])  # a seeded sample
         cand_set = self._served_candidate_set()
         serving_scores = self._measure(round_, serving.version, sorted({*ids, *analysis_devices}))
         cand_scores: dict[int, tuple[float, float]] = {}
