@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 RolloutPolicy = Literal["immediate", "canary", "shadow", "ab"]
 RolloutMetric = Literal["accuracy", "loss"]
+MonitorAction = Literal["alert", "rollback"]
 
 
 class RolloutConfig(BaseModel):
@@ -43,6 +44,14 @@ class RolloutConfig(BaseModel):
     """Pass also needs the share of hurt devices <= this."""
     failure_limit: int = Field(0, ge=0)
     """Failed measurements a step tolerates; one more aborts the rollout."""
+    monitor_window: int = Field(0, ge=0)
+    """Monitoring (0: off): the mean served accuracy over the last ``monitor_window``
+    evaluated rounds, compared with the best such mean before (``server.monitor``)."""
+    monitor_drop: float = Field(0.1, gt=0.0, le=1.0)
+    """An alert fires when the windowed mean falls this far below the best one."""
+    monitor_action: MonitorAction = "alert"
+    """``rollback``: also move ``serving`` back when a promotion happened within the
+    window (else the drop is the data's, not a version's: alert only)."""
 
     @model_validator(mode="after")
     def _steps_make_sense(self) -> RolloutConfig:
@@ -56,6 +65,11 @@ class RolloutConfig(BaseModel):
         if any(b <= a for a, b in pairwise(s)):
             raise ValueError(
                 f"rollout.steps {s}: shares must be strictly increasing, e.g. [0.05, 0.25, 1.0]"
+            )
+        if self.monitor_window and self.policy == "immediate":
+            raise ValueError(
+                "rollout.monitor_window watches what devices serve under a rollout policy: "
+                "set rollout.policy to canary, shadow or ab, or rollout.monitor_window = 0"
             )
         if s[-1] != 1.0:
             raise ValueError(

@@ -18,3 +18,7 @@ class ScenarioConfig(BaseModel):
     the aggregate, a new global version, is then bad (an operator's typo, a bad
     hyper-parameter push)."""
     lr_spike_factor: float = Field(100.0, gt=0.0)
+    drift_round: int = Field(0, ge=0)
+    """From this round on (0: never) ``drift_share`` of the devices (seeded per device)
+    see permuted labels in training and test data (``common.drift``)."""
+    drift_share: float = Field(0.5, gt=0.0, le=1.0)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import ClientConfig, EvaluationConfig, ExperimentConfig
+from common.drift import DriftSpec
 
 CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
@@ -56,6 +57,8 @@ class RoundInstructions(_Wire):
     simulation is rerun, and fsync per device dominated small-model rounds."""
     preaggregate: bool = False
     """Reply with one weighted sum of the cohort's updates instead of each update."""
+    drift: DriftSpec | None = None
+    """A drift scenario in force this round (simulation only; None: none)."""
 
     @property
     def algorithm(self) -> str:
@@ -101,7 +104,15 @@ def task_for(
         devices=list(devices or []),
         durable_state=durable_state,
         preaggregate=preaggregate,
+        drift=_drift(cfg, round_),
     )
+
+
+def _drift(cfg: ExperimentConfig, round_: int) -> DriftSpec | None:
+    sc = cfg.scenario
+    if not sc.drift_round or round_ < sc.drift_round:
+        return None
+    return DriftSpec(from_round=sc.drift_round, share=sc.drift_share, seed=cfg.seed)
 
 
 class TrainReport(_Wire):

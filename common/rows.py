@@ -107,6 +107,8 @@ class ServingRow(_Row):
     """The round's candidate-vs-serving measurement (None when nothing was measured)."""
     decision: str | None = None
     """start, step, promote, abort or cancel (None: nothing changed)."""
+    alert: str | None = None
+    """The monitor fired this round: ``alert`` or ``rollback`` (``server.monitor``)."""
 
 
 class RoundRow(_Row):

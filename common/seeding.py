@@ -25,6 +25,7 @@ _PURPOSES = {
     "synthetic": 6,
     "eval-sample": 10,
     "rollout": 11,
+    "drift": 12,
 }
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 

@@ -36,6 +36,7 @@ from common.rows_serving import VersionCount
 from common.rundir import REGISTRY_DIR
 from common.seeding import derive_seed
 from common.weights import Arrays
+from server.monitor import DropDetector
 from server.population import Population
 from server.registry import Analysis, Registry, RegistryError
 from server.rollout_state import RolloutState, write_state
@@ -176,6 +177,8 @@ class Rollout:
         self._arrays: dict[int, Arrays] = {}
         self._ids = np.empty(0, dtype=np.int64)
         """All device ids, read once per round."""
+        w = self.cfg.monitor_window
+        self.detector = DropDetector(w, self.cfg.monitor_drop) if w else None
 
     # -- per round ---------------------------------------------------------------
     def after_round(self, round_: int, row: RoundRow, evaluated: list[int]) -> RoundRow:
@@ -227,6 +230,10 @@ class Rollout:
             if d in (scores := cand_scores if d in cand_set else serving_scores)
         ]
         served.served_acc = Distribution.of(accs) if accs else None
+        if self.detector is not None and served.served_acc is not None:
+            fired = self.detector.update(served.served_acc.mean)
+            if fired is not None:
+                served.alert = self._alert(round_, *fired)
         write_state(self.registry.root, st)
         return row.model_copy(update={"serving": served})
 
@@ -345,6 +352,48 @@ class Rollout:
         st.note = f"promoted v{candidate} in round {round_}"
         self._end()
         return "promote"
+
+    def _alert(self, round_: int, mean: float, baseline: float) -> str:
+        """Record the monitor's alert; roll back a promotion made within the window."""
+        st, w = self.state, self.cfg.monitor_window
+        reason = (
+            f"served accuracy: mean of the last {w} evaluated rounds {mean:.3f}, "
+            f"{baseline - mean:.3f} below the best {baseline:.3f}"
+        )
+        last = self.registry.event_log.last("serving", "move")
+        recent = (
+            last is not None
+            and last.actor == self.actor
+            and last.round is not None
+            and last.from_version is not None
+            and round_ - last.round < w
+        )
+        if self.cfg.monitor_action == "rollback" and recent:
+            assert last is not None and last.from_version is not None
+            if st.active:
+                self._end()
+            self.registry.set_alias(
+                "serving",
+                last.from_version,
+                actor="monitor",
+                reason=f"{reason}; v{last.to_version} was promoted in round {last.round}",
+                round=round_,
+            )
+            st.rejected.append(last.to_version)
+            st.serving_version = last.from_version
+            st.note = f"monitor rolled back v{last.to_version} in round {round_}"
+            return "rollback"
+        if not recent:
+            reason += "; no promotion within the window: the data changed, not the version"
+        self.registry.record(
+            "alert",
+            "serving",
+            st.serving_version or 0,
+            actor="monitor",
+            reason=reason,
+            round=round_,
+        )
+        return "alert"
 
     def _end(self) -> None:
         st = self.state

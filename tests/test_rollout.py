@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from flwr.app import Message
 
 from common.config import ConfigError, load_config
@@ -251,3 +252,58 @@ def test_lr_spike_scenario_changes_that_round_only() -> None:
     lrs = [task_for(cfg, r, "{}", "").client.lr for r in (2, 3, 4)]
     assert lrs == [cfg.client.lr, cfg.client.lr * 20, cfg.client.lr]
     assert task_for(load_config(None), 0, "{}", "").client == load_config(None).client
+
+
+# ------------------------------------------------------------ monitoring, drift
+def test_drop_detector_fires_once_per_lasting_drop() -> None:
+    from server.monitor import DropDetector
+
+    d = DropDetector(window=2, drop=0.15)
+    fired = [d.update(v) for v in [0.5, 0.7, 0.8, 0.8, 0.6, 0.5, 0.5, 0.5, 0.2, 0.25]]
+    hits = [(i, round(f[0], 3), round(f[1], 3)) for i, f in enumerate(fired) if f]
+    assert hits == [(5, 0.55, 0.8), (8, 0.35, 0.55)]  # the baseline restarts after each
+
+
+def test_monitor_needs_a_policy() -> None:
+    with pytest.raises(ConfigError, match=r"rollout\.monitor_window"):
+        load_config(None, ["rollout.monitor_window=2"])
+
+
+def test_drift_is_seeded_per_device_and_changes_labels_from_its_round() -> None:
+    from client.algorithms.loop import DeviceData
+    from client.drift import with_drift
+    from common.drift import DriftSpec, is_drifted
+    from common.protocol import task_for
+
+    spec = DriftSpec(from_round=3, share=0.5, seed=1)
+    drifted = [d for d in range(2000) if is_drifted(spec, d)]
+    assert 900 < len(drifted) < 1100 and drifted == [d for d in range(2000) if is_drifted(spec, d)]
+    cfg = load_config(None, ["scenario.drift_round=3", "scenario.drift_share=0.5", "seed=1"])
+    y = torch.arange(10)
+    data = DeviceData(torch.zeros(10, 1), y, torch.zeros(10, 1), y)
+    spec_json = json.dumps({"num_classes": 10})
+    before, after = task_for(cfg, 2, spec_json, ""), task_for(cfg, 3, spec_json, "")
+    assert before.drift is None and after.drift == spec
+    moved = with_drift(data, after, drifted[0])
+    assert moved.y_test.tolist() == [1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
+    assert with_drift(data, before, drifted[0]) is data
+    kept = next(d for d in range(100) if not is_drifted(spec, d))
+    assert with_drift(data, after, kept) is data
+
+
+def test_drift_under_a_canary_is_detected_and_recorded(tmp_path: Path) -> None:
+    rows = _run(
+        tmp_path,
+        "rounds=4",
+        "seed=3",
+        'rollout.policy="canary"',
+        "rollout.steps=[0.5, 1.0]",
+        "rollout.monitor_window=1",
+        "rollout.monitor_drop=0.05",
+        "scenario.drift_round=3",
+        "scenario.drift_share=1.0",
+    )
+    alerts = [e for e in Registry(tmp_path / REGISTRY_DIR).events() if e.kind == "alert"]
+    assert alerts and alerts[0].actor == "monitor" and alerts[0].round == 3
+    assert [r["serving"].get("alert") for r in rows][2] == "alert"
+    assert all(r["serving"].get("alert") is None for r in rows[:2])
