@@ -11,6 +11,10 @@ device serves (mean and 10th percentile over all devices' own test splits: under
 ``immediate`` that is the newest aggregate, under ``canary`` the version each device
 was assigned), how many devices served a version from the spike round on, and the
 canary's decision. Accuracies are deterministic for the seed; the wall times are not.
+
+``--drift ROUND`` runs the second demonstration instead: no spike, a canary with the
+monitor on, and from ``ROUND`` half of the devices see permuted labels; it reports
+when the monitor fired and what users got before, meanwhile and after.
 """
 
 from __future__ import annotations
@@ -101,13 +105,87 @@ def table(imm: list[dict[str, Any]], can: list[dict[str, Any]], spike: int) -> s
     return "\n".join(lines)
 
 
+DRIFT_SETS = [
+    "scenario.lr_spike_round=0",
+    "scenario.drift_share=0.5",
+    "rollout.monitor_window=2",
+    "rollout.monitor_drop=0.1",
+]
+
+
+def drift_table(run: Path, drift: int) -> str:
+    from common.rows import read_rows
+    from common.rundir import METRICS_FILE
+
+    rows = read_rows(run / METRICS_FILE)
+    lines = [
+        "| round | users mean / p10 | serving | decision | monitor |",
+        "|---|---|---|---|---|",
+    ]
+    fired = None
+    for r in rows:
+        s = r.serving
+        assert s is not None and s.served_acc is not None
+        if s.alert and fired is None and r.round >= drift:
+            fired = r.round
+        mark = " (drift)" if r.round == drift else ""
+        lines.append(
+            f"| {r.round}{mark} | {s.served_acc.mean:.1%} / {s.served_acc.p10:.1%} | "
+            f"v{s.serving_version} | {s.decision or ''} | {s.alert or ''} |"
+        )
+    acc = {r.round: r.serving.served_acc.mean for r in rows if r.serving and r.serving.served_acc}
+    before = acc.get(drift - 1, float("nan"))
+    if fired is None:
+        lines += ["", f"The monitor did not fire after the drift in round {drift}."]
+        return "\n".join(lines)
+    meanwhile = [acc[k] for k in acc if drift <= k <= fired]
+    lines += [
+        "",
+        f"Drift from round {drift}; the monitor fired in round {fired} "
+        f"(after {fired - drift + 1} evaluated round(s) of drift). Users' mean served "
+        f"accuracy: {before:.1%} in the round before the drift, "
+        f"{sum(meanwhile) / len(meanwhile):.1%} on average from the drift to the alert "
+        f"({100 * (before - sum(meanwhile) / len(meanwhile)):.1f} points lost per user and "
+        "round), "
+        f"{acc[max(acc)]:.1%} in the last round.",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, help="Write the markdown here (else print).")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="Override a key.")
+    ap.add_argument("--drift", type=int, default=0, help="Drift demonstration from this round.")
     args = ap.parse_args()
     from common.config import load_config
     from simulation.history import history_text
+
+    if args.drift:
+        with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
+            sets = [*DRIFT_SETS, f"scenario.drift_round={args.drift}", *args.sets]
+            took = simulate(Path(tmp) / "drift", sets)
+            body = drift_table(Path(tmp) / "drift", args.drift)
+            events = history_text(Path(tmp) / "drift", last=100).splitlines()
+        load = os.getloadavg()
+        text = "\n".join(
+            [
+                f"Overrides: `{' '.join(sets)}`",
+                "",
+                body,
+                "",
+                "```",
+                *events,
+                "```",
+                "",
+                f"Machine: {platform.platform()}, {os.cpu_count()} CPUs; load average at the "
+                f"end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; wall time {took:.0f} s.",
+            ]
+        )
+        if args.out:
+            args.out.write_text(text + "\n")
+        print(text)
+        return
 
     spike = load_config(CONFIG, args.sets).scenario.lr_spike_round
     with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp:
