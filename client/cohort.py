@@ -15,6 +15,7 @@ import numpy as np
 
 from client.algorithms import get_algorithm
 from client.coldstart import cold_start_metrics
+from client.drift import with_drift
 from client.measure import evaluate_models
 from client.runtime import DeviceEnv, device_data, device_store, model_for
 from client.state import ROUND_KEY, StateCorruptError
@@ -40,7 +41,7 @@ def train_device(
 ) -> tuple[TrainReport, Arrays]:
     """One device's round: load its state, train from the global model, save its state."""
     t0 = time.perf_counter()
-    data = device_data(env, device)
+    data = with_drift(device_data(env, device), task, device)
     store = device_store(env)
     algo = get_algorithm(task.algorithm)
     reset = None
@@ -157,7 +158,7 @@ def evaluate_cohort(env: DeviceEnv, task: RoundInstructions, global_arrays: Arra
     failures: list[DeviceFailure] = []
     for device in env.cohort(task.devices):
         try:
-            data = device_data(env, device)
+            data = with_drift(device_data(env, device), task, device)
             state = store.load(device)
             gen = torch_generator(task.seed, "eval", task.round, device)
             results = evaluate_models(model, algo, global_arrays, state, data, task, gen)

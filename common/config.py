@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.config_clock import ClockConfig
+from common.config_rollout import RolloutConfig
+from common.config_scenario import ScenarioConfig
 from common.personalization import ALGORITHMS
 
 DatasetName = Literal["digits", "npz", "idx", "femnist", "synthetic"]
@@ -250,6 +252,8 @@ class ExperimentConfig(_Section):
     evaluation: EvaluationConfig = EvaluationConfig()
     output: OutputConfig = OutputConfig()
     clock: ClockConfig = ClockConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    scenario: ScenarioConfig = ScenarioConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -438,6 +442,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, (int, float)):
         return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

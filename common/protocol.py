@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import ClientConfig, EvaluationConfig, ExperimentConfig
+from common.drift import DriftSpec
 
 CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
@@ -61,6 +62,8 @@ class RoundInstructions(_Wire):
     the virtual deadline); devices not listed train fully."""
     max_steps: int = Field(0, ge=0)
     """The cap for the device being trained (set on the device from ``step_limits``)."""
+    drift: DriftSpec | None = None
+    """A drift scenario in force this round (simulation only; None: none)."""
 
     @property
     def algorithm(self) -> str:
@@ -93,11 +96,14 @@ def task_for(
     step_limits: dict[int, int] | None = None,
 ) -> RoundInstructions:
     """The one place a device task is derived from the experiment config."""
+    client = cfg.client
+    if cfg.scenario.lr_spike_round and round_ == cfg.scenario.lr_spike_round:
+        client = client.model_copy(update={"lr": client.lr * cfg.scenario.lr_spike_factor})
     return RoundInstructions(
         round=round_,
         seed=cfg.seed,
         model_spec=model_spec_json,
-        client=cfg.client,
+        client=client,
         evaluation=cfg.evaluation,
         torch_threads=cfg.simulation.torch_threads,
         run_dir=run_dir,
@@ -105,7 +111,15 @@ def task_for(
         durable_state=durable_state,
         preaggregate=preaggregate,
         step_limits=dict(step_limits or {}),
+        drift=_drift(cfg, round_),
     )
+
+
+def _drift(cfg: ExperimentConfig, round_: int) -> DriftSpec | None:
+    sc = cfg.scenario
+    if not sc.drift_round or round_ < sc.drift_round:
+        return None
+    return DriftSpec(from_round=sc.drift_round, share=sc.drift_share, seed=cfg.seed)
 
 
 class TrainReport(_Wire):

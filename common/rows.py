@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from common.rows_serving import Analysis, VersionCount
+
 SCHEMA_VERSION = 2
 """1: untyped rows before this schema (no ``schema_version`` field); 2: this schema."""
 
@@ -120,6 +122,27 @@ class HoldoutSummary(_Row):
     share_finetuned_worse: float | None = None
 
 
+class ServingRow(_Row):
+    """Under a rollout policy: what devices served this round and what users got."""
+
+    policy: str
+    serving_version: int
+    """``serving`` during the round (before the round's decision)."""
+    candidate_version: int | None = None
+    candidate_share: float = 0.0
+    """Share of devices that served the candidate (0 under shadow)."""
+    served_versions: list[VersionCount] = Field(default_factory=list)
+    """Devices of the population serving each version."""
+    served_acc: Distribution | None = None
+    """Evaluation rounds: accuracy users got from the version each device serves."""
+    analysis: Analysis | None = None
+    """The round's candidate-vs-serving measurement (None when nothing was measured)."""
+    decision: str | None = None
+    """start, step, promote, abort or cancel (None: nothing changed)."""
+    alert: str | None = None
+    """The monitor fired this round: ``alert`` or ``rollback`` (``server.monitor``)."""
+
+
 class RoundRow(_Row):
     """One line of ``metrics.jsonl``: deterministic for a seed (no wall-clock fields)."""
 
@@ -152,6 +175,8 @@ class RoundRow(_Row):
     eval_bytes_down: float | None = None
     clock: ClockRow | None = None
     """The virtual clock's view of the round (absent when ``clock.mode = "off"``)."""
+    serving: ServingRow | None = None
+    """The serving plane (None under the ``immediate`` rollout policy)."""
 
     def to_json(self) -> str:
         return json.dumps(self.model_dump(exclude_none=True), sort_keys=True)

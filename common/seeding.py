@@ -31,6 +31,8 @@ _PURPOSES = {
     "profile-jitter": 15,
     "availability": 16,
     "async-select": 17,
+    "rollout": 18,
+    "drift": 19,
 }
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 

@@ -87,19 +87,22 @@ def save_final_model(loop: ServerLoop, run_dir: Path) -> str:
 
 
 def registry_publisher(
-    run_dir: Path, spec: ModelSpec, rounds: int, every: int
+    run_dir: Path, spec: ModelSpec, rounds: int, every: int, *, move_serving: bool = True
 ) -> Callable[[int, Arrays, dict[str, float]], None]:
     """Publish version 0 (the initial model) and each k-th round's aggregate.
 
     Every version becomes the initial model of devices fetching ``serving`` over
-    HTTP, live while the run trains. The last round is always published.
+    HTTP, live while the run trains (``move_serving=False``: only once a rollout
+    policy promotes it). The last round is always published.
     """
     registry = Registry(run_dir / REGISTRY_DIR)
 
     def publish(round_: int, arrays: Arrays, metrics: dict[str, float]) -> None:
         if round_ % every and round_ not in (0, rounds):
             return
-        registry.publish(arrays, round=round_, model=spec, metrics=metrics)
+        registry.publish(
+            arrays, round=round_, model=spec, metrics=metrics, move_serving=move_serving
+        )
 
     return publish
 
@@ -121,7 +124,11 @@ def run_experiment(
             )
         loop = ServerLoop(grid, cfg, run_dir, source, population=population, resume=resume)  # type: ignore[arg-type]
         loop.on_version = registry_publisher(
-            run_dir, loop.spec, cfg.rounds, cfg.output.publish_every
+            run_dir,
+            loop.spec,
+            cfg.rounds,
+            cfg.output.publish_every,
+            move_serving=cfg.rollout.policy == "immediate",
         )
         loop.run()
         digest = save_final_model(loop, run_dir)

@@ -186,6 +186,12 @@ def start(loop: ServerLoop, resuming: bool) -> int:
                 "they started from) that is not checkpointed: an asynchronous run cannot be "
                 "resumed; start it again"
             )
+        if loop.cfg.rollout.policy != "immediate":
+            raise ResumeError(
+                f"rollout.policy = '{loop.cfg.rollout.policy}' keeps a rollout in progress "
+                "(candidate, step, analysis window, detector) that is not checkpointed: a "
+                "run with a rollout policy cannot be resumed; start it again"
+            )
         return resume(loop)
     loop.recorder.start()
     return 1

@@ -81,6 +81,22 @@ class Evaluator:
         pairs += [(d, "holdout") for d in held_ids]
         return sorted(pairs)
 
+    def measure(
+        self, round_: int, arrays: Arrays, devices: list[int]
+    ) -> dict[int, tuple[float, float]]:
+        """``arrays``' (accuracy, loss) on each device's test split, nothing else (no
+        fine-tune): what a rollout compares. Devices that fail are left out."""
+        quick = self.cfg.evaluation.model_copy(update={"finetune_steps": 0})
+        got = self.dispatcher.exchange(
+            "evaluate",
+            round_,
+            self.population.routes(devices),
+            lambda ds: self.task(round_, ds).model_copy(update={"evaluation": quick}),
+            arrays,
+        )
+        wanted = set(devices)
+        return {r.device: (r.global_acc, r.global_loss) for r in got.evaluate if r.device in wanted}
+
     def run(self, round_: int, trained: list[int], global_arrays: Arrays) -> Evaluation:
         load_arrays(self.model, global_arrays)
         loss, acc = evaluate(self.model, self.x_test, self.y_test, self.cfg.evaluation.batch_size)

@@ -28,7 +28,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.rundir import METRICS_FILE, REGISTRY_DIR
-from server import http_models, http_rounds, http_signatures
+from server import http_events, http_models, http_rounds, http_signatures
 from server.http_deps import TOKEN_ENV, ServerMetrics, Settings, SettingsDep, check_token
 from server.registry import Registry, RegistryError
 
@@ -310,6 +310,7 @@ def create_app(
     app.include_router(http_models.router)
     app.include_router(http_rounds.router)
     app.include_router(http_signatures.router)
+    app.include_router(http_events.router)
     weights_routes = http_models.add_weights_routes(app)
     _add_docs(app)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from server.registry import ALIASES, AliasDamaged, Registry, RegistryError
+from server.rollout_state import RolloutCollector
 
 if TYPE_CHECKING:  # the routers import this module: no runtime import back
     from server.http_models import BlobCache, ModelCache
@@ -126,6 +127,7 @@ class ServerMetrics:
         self.collectors = CollectorRegistry(auto_describe=True)
         self.collectors.register(_RequestCollector(self))
         self.collectors.register(RegistryCollector(registry))
+        self.collectors.register(RolloutCollector(registry.root))
 
     def count(self, method: str, route: str, status: int) -> None:
         """One request; unknown methods share one label (clients choose them)."""

@@ -191,6 +191,11 @@ class AliasUpdate(BaseModel):
         description="true: keep 'serving' at this version when new versions are published. "
         "false: follow 'latest' (now and from every publish).",
     )
+    reason: str = Field(
+        default="",
+        max_length=500,
+        description="Why (kept in the event history, e.g. 'rollback: accuracy drop').",
+    )
 
     @model_validator(mode="after")
     def _version_when_pinned(self) -> AliasUpdate:
@@ -777,7 +782,9 @@ def put_alias(
     reg = settings.registry
     what = "latest" if not body.pinned else f"version {body.version}"
     try:
-        state = reg.set_alias(alias, body.version, pinned=body.pinned)
+        state = reg.set_alias(
+            alias, body.version, pinned=body.pinned, actor="human", reason=body.reason
+        )
         manifest = reg.get(state.version)
     except VersionNotFound as exc:
         raise HTTPException(409, detail=f"{exc}; alias not moved") from None

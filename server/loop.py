@@ -42,6 +42,7 @@ from server.fedbuff import BufferedRun
 from server.population import NodePopulation, PartitionPopulation, Population
 from server.profiles import ProfileFileError, profiles_for, write_profiles
 from server.recording import Recorder
+from server.rollout import rollout_for
 from server.selection import UniformSelection
 from server.validation import Screened, screen
 
@@ -117,6 +118,7 @@ class ServerLoop:
             cfg, self.population, self.dispatcher, self.task, self.model, source.server_test()
         )
         self.recorder = Recorder(run_dir)
+        self.rollout = rollout_for(cfg, run_dir, self.evaluator.measure, self.population)
         self.last_device_rows: list[DeviceRow] = []
         self.clock = self._device_clock() if cfg.clock.enabled else None
         self.sync = (
@@ -223,6 +225,8 @@ class ServerLoop:
                 if isinstance(v, (int, float)) and not isinstance(v, bool)
             }
             self.on_version(rnd, self.global_arrays, flat)
+        if self.rollout is not None:
+            row = self.rollout.after_round(rnd, row, [r.device for r in self.last_device_rows])
         now = time.perf_counter()
         timing = TimingRow(
             round=rnd,

@@ -6,6 +6,7 @@ Layout inside ``<run_dir>/registry/``::
     versions/<n>.json            one manifest per version (the commit point)
     aliases/latest               {"version": n, "pinned": false, ...}
     aliases/serving              the version devices get; pinned when an operator chose it
+    events.jsonl                 every alias move, append-only (``server.registry_events``)
     .lock                        flock held by writers (publish, set_alias)
 
 Why this shape: the HTTP server reads the folder while the ServerApp writes it,
@@ -14,7 +15,9 @@ folder, fsynced, renamed over its name and the folder fsynced, and the manifest
 is written only after its blob: a reader sees a version whole or not at all, a
 crash mid-publish leaves earlier versions intact and at most a blob nobody
 references (invisible) or a hidden temp file (cleaned by the next writer).
-Bytes are never rewritten: rollback and promotion move an alias.
+Bytes are never rewritten: rollback and promotion move an alias. An alias move
+is logged first (the event log is the aliases' write-ahead log) and the alias
+file records the event it reflects, so the two agree after a crash at any point.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.atomic import TMP_PREFIX, atomic_write_bytes
 from common.crashpoint import crash_point
 from common.manifest import ALIASES, VersionManifest, model_manifest
+from server.registry_events import EVENTS_FILE, Analysis, EventKind, EventLog, RegistryEvent
 
 if TYPE_CHECKING:
     import numpy as np
@@ -46,10 +50,12 @@ __all__ = [
     "AliasDamaged",
     "AliasNotSet",
     "AliasState",
+    "Analysis",
     "ManifestDamaged",
     "NotVerified",
     "Registry",
     "RegistryError",
+    "RegistryEvent",
     "RegistryWriteError",
     "VersionManifest",
     "VersionNotFound",
@@ -132,6 +138,15 @@ class AliasState(BaseModel):
         description="True when an operator set it; a pinned 'serving' no longer follows 'latest'.",
     )
     updated_at: datetime
+    event_seq: int | None = Field(
+        default=None, description="The event this file reflects (None: written before events)."
+    )
+
+
+def _state_of(event: RegistryEvent) -> AliasState:
+    return AliasState(
+        version=event.to_version, pinned=event.pinned, updated_at=event.time, event_seq=event.seq
+    )
 
 
 def _checkpoint(stage: str) -> None:
@@ -187,6 +202,7 @@ class Registry:
         self.blobs_dir = self.root / "blobs"
         self.versions_dir = self.root / "versions"
         self.aliases_dir = self.root / "aliases"
+        self.event_log = EventLog(self.root / EVENTS_FILE)
         self._manifests: dict[int, VersionManifest] = {}
         self._verified: dict[tuple[str, int, int, int, int], str] = {}
         """Verification outcome per blob identity: "" when it verified, else the reason."""
@@ -256,8 +272,22 @@ class Registry:
     def alias(self, name: str) -> AliasState | None:
         """The state of alias ``name`` (None when not set yet).
 
-        Raises ``AliasDamaged`` (with the reason) when the file does not parse.
+        A move already in the event log but not yet in the alias file (a writer
+        between the two steps, or killed there) is the alias's state: the log is
+        the commit point. Raises ``AliasDamaged`` (with the reason) when the file
+        does not parse.
         """
+        state = self._alias_file(name)
+        logged = self.event_log.last(name, "move")
+        if logged is not None and (state is None or (state.event_seq or 0) < logged.seq):
+            return _state_of(logged)
+        return state
+
+    def events(self) -> list[RegistryEvent]:
+        """The audit history: every alias move and rollout verdict, oldest first."""
+        return self.event_log.events()
+
+    def _alias_file(self, name: str) -> AliasState | None:
         if name not in ALIASES:
             raise ValueError(f"unknown alias '{name}'; aliases are {', '.join(ALIASES)}")
         try:
@@ -408,6 +438,7 @@ class Registry:
                     if name.startswith(TMP_PREFIX):
                         with contextlib.suppress(FileNotFoundError):
                             (d / name).unlink()
+            self._roll_forward()
             yield
         finally:
             os.close(fd)
@@ -419,9 +450,13 @@ class Registry:
         round: int,
         model: Mapping[str, Any] | BaseModel,
         metrics: Mapping[str, object] | None = None,
+        move_serving: bool = True,
     ) -> VersionManifest:
         """Store ``arrays`` as the next version, atomically; move ``latest`` (and
         ``serving`` unless pinned) to it.
+
+        ``move_serving=False``: a rollout policy owns ``serving``; it is set here
+        only when nothing serves yet (the first version).
 
         ``model`` is the ModelSpec (or its dict), validated here so that a version
         that devices cannot rebuild is never published. Metrics that are not
@@ -442,7 +477,7 @@ class Registry:
 
         with self._writer_lock():
             existing = self.version_numbers()
-            self._repair_latest(existing)
+            self._repair_latest(existing, move_serving)
             again = self._already_published(existing, round, sha)
             if again is not None:
                 return again
@@ -472,7 +507,7 @@ class Registry:
             )
             _checkpoint("manifest-committed")
             crash_point("publish-manifest", round)
-            self._move_with_latest(version)
+            self._move_with_latest(version, round=round, move_serving=move_serving)
         return manifest
 
     def _already_published(
@@ -499,8 +534,22 @@ class Registry:
                 return m
         return None
 
-    def set_alias(self, name: str, version: int | None, *, pinned: bool = True) -> AliasState:
-        """Point alias ``name`` at ``version`` (promotion or rollback).
+    def set_alias(
+        self,
+        name: str,
+        version: int | None,
+        *,
+        pinned: bool = True,
+        actor: str = "human",
+        reason: str = "",
+        round: int | None = None,
+        analysis: Analysis | None = None,
+    ) -> AliasState:
+        """Point alias ``name`` at ``version`` (promotion or rollback), as an event.
+
+        ``actor`` says who moved it (``human`` through the API, ``policy:<name>``
+        for a rollout policy); ``reason``, ``round`` and ``analysis`` go into the
+        event so the history says why.
 
         With ``pinned`` (the default for an operator) ``serving`` stays at
         ``version`` when new versions are published. ``pinned=False`` means
@@ -527,8 +576,15 @@ class Registry:
                 problem = self.problem(target)  # raises VersionNotFound / ManifestDamaged
                 if problem is not None:
                     raise NotVerified(f"version {target}: {problem}; alias not moved")
-                state = AliasState(version=target, pinned=pinned, updated_at=_now())
-                _write_atomic(self.aliases_dir / name, state.model_dump_json().encode())
+                state = self._move(
+                    name,
+                    target,
+                    pinned=pinned,
+                    actor=actor,
+                    reason=reason,
+                    round=round,
+                    analysis=analysis,
+                )
         except OSError as exc:
             raise RegistryWriteError(
                 f"cannot move alias '{name}' to version {target}: the registry {self.root} "
@@ -537,21 +593,120 @@ class Registry:
             ) from None
         return state
 
-    def _move_with_latest(self, version: int) -> None:
-        now = _now()
-        latest = AliasState(version=version, pinned=False, updated_at=now)
-        _write_atomic(self.aliases_dir / "latest", latest.model_dump_json().encode())
+    def record(
+        self,
+        kind: EventKind,
+        alias: str,
+        to_version: int,
+        *,
+        from_version: int | None = None,
+        actor: str,
+        reason: str = "",
+        round: int | None = None,
+        analysis: Analysis | None = None,
+    ) -> RegistryEvent:
+        """Append an event that moves no alias (a rejected candidate, an alert)."""
+        if kind == "move":
+            raise ValueError("a move goes through set_alias, which also writes the alias")
+        try:
+            with self._writer_lock():
+                current = self.alias(alias) if alias in ALIASES else None
+                event = RegistryEvent(
+                    seq=self.event_log.next_seq(),
+                    time=_now(),
+                    round=round,
+                    kind=kind,
+                    alias=alias,
+                    from_version=from_version,
+                    to_version=to_version,
+                    pinned=current.pinned if current is not None else False,
+                    actor=actor,
+                    reason=reason,
+                    analysis=analysis,
+                )
+                self.event_log.append(event)
+        except OSError as exc:
+            raise RegistryWriteError(f"cannot record a {kind} event in {self.root}", exc) from None
+        return event
+
+    def _move(
+        self,
+        name: str,
+        version: int,
+        *,
+        pinned: bool,
+        actor: str,
+        reason: str = "",
+        round: int | None = None,
+        analysis: Analysis | None = None,
+    ) -> AliasState:
+        """Log the move (fsynced: the commit point), then write the alias file.
+
+        Called under the writer lock."""
+        try:
+            before = self.alias(name)
+        except AliasDamaged:
+            before = None
+        event = RegistryEvent(
+            seq=self.event_log.next_seq(),
+            time=_now(),
+            round=round,
+            alias=name,
+            from_version=before.version if before is not None else None,
+            to_version=version,
+            pinned=pinned,
+            actor=actor,
+            reason=reason,
+            analysis=analysis,
+        )
+        undo = self.event_log.append(event)
+        _checkpoint("event-appended")
+        state = _state_of(event)
+        try:
+            _write_atomic(
+                self.aliases_dir / name, state.model_dump_json().encode(), "alias-temp-written"
+            )
+        except OSError:
+            # The caller reports "alias unchanged" (a full disk): take the move back out
+            # of the log so that it stays true.
+            self.event_log.truncate(undo)
+            raise
+        _checkpoint("alias-committed")
+        return state
+
+    def _roll_forward(self) -> None:
+        """Under the writer lock: cut a torn last event line, then apply every logged
+        move whose alias file is behind (a writer killed between the two steps)."""
+        self.event_log.cut_torn_tail()
+        for name in ALIASES:
+            logged = self.event_log.last(name, "move")
+            if logged is None:
+                continue
+            try:
+                state = self._alias_file(name)
+            except AliasDamaged:
+                continue  # an operator's to fix: never guess over a damaged file
+            if state is None or (state.event_seq or 0) < logged.seq:
+                log.warning("registry: alias %s behind event %d; applying it", name, logged.seq)
+                _write_atomic(self.aliases_dir / name, _state_of(logged).model_dump_json().encode())
+
+    def _move_with_latest(
+        self, version: int, *, round: int | None = None, move_serving: bool = True
+    ) -> None:
+        self._move("latest", version, pinned=False, actor="publish", round=round)
         try:
             serving = self.alias("serving")
         except AliasDamaged as exc:
             # Whether an operator pinned it is unknown: never guess over a pin.
             log.error("%s; 'serving' left as is until an operator sets it", exc)
             return
-        if serving is None or not serving.pinned:
-            state = AliasState(version=version, pinned=False, updated_at=now)
-            _write_atomic(self.aliases_dir / "serving", state.model_dump_json().encode())
+        if serving is None or (move_serving and not serving.pinned):
+            reason = "first version" if serving is None else "serving follows latest"
+            self._move(
+                "serving", version, pinned=False, actor="publish", reason=reason, round=round
+            )
 
-    def _repair_latest(self, existing: list[int]) -> None:
+    def _repair_latest(self, existing: list[int], move_serving: bool = True) -> None:
         """After a crash between manifest and alias files (or a damaged ``latest``
         file), catch the aliases up: ``latest`` is derived, never chosen."""
         if not existing:
@@ -563,7 +718,7 @@ class Registry:
             latest = None
         if latest is None or latest.version < existing[-1]:
             log.warning("registry: aliases behind version %d; repairing", existing[-1])
-            self._move_with_latest(existing[-1])
+            self._move_with_latest(existing[-1], move_serving=move_serving)
 
     def _blob_intact(self, path: Path, sha: str, size: int) -> bool:
         """True when a blob with this content is already stored whole (dedup)."""

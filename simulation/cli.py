@@ -182,6 +182,7 @@ def serve_cmd(
 
     from server.http import create_app, load_token
     from server.http_transport import server_config
+    from simulation.history import history_text
 
     if not (run_dir / REGISTRY_DIR).is_dir():
         fail(f"{run_dir} has no model registry ({REGISTRY_DIR}/): is it a hybridfl run folder?")
@@ -209,6 +210,7 @@ def serve_cmd(
     signal.signal(signal.SIGHUP, lambda signum, frame: os.kill(os.getpid(), signal.SIGTERM))
     scheme = "https" if certfile else "http"
     echo(f"serving {run_dir} at {scheme}://{host}:{port}  (docs: /docs)")
+    echo(history_text(run_dir))
     try:
         app = create_app(run_dir, token)
         cfg = server_config(

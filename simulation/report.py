@@ -27,6 +27,7 @@ from common.rows import RoundRow, read_rows
 from common.rundir import CONFIG_FILE, DEVICES_FILE, METRICS_FILE, read_jsonl
 from server.summary import summarize
 from simulation.cli_common import fail
+from simulation.history import history_markdown
 
 CURVES_PNG = "report_accuracy.png"
 GAIN_PNG = "report_gain.png"
@@ -379,6 +380,8 @@ def report(
     target = out if out is not None else run_dirs[0]
     target.mkdir(parents=True, exist_ok=True)
     text = markdown([run_row(r) for r in runs])
+    sections = [history_markdown(r.name, r.path) for r in runs]
+    text = "\n\n".join([text, *(s for s in sections if s)])
     typer.echo(text)
     atomic_write_text(target / REPORT_MD, text + "\n")
     written = [plot_curves(runs, target), plot_gain(runs, target)]

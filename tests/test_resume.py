@@ -237,3 +237,10 @@ def test_an_asynchronous_run_is_not_resumed(tmp_path: Path) -> None:
     )
     with pytest.raises(ResumeError, match="asynchronous run cannot be resumed"):
         _run(d, resume=True)
+
+
+def test_a_run_with_a_rollout_policy_is_not_resumed(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    prepare_run_dir(load_config(None, [*BASE, 'rollout.policy="shadow"']), d)
+    with pytest.raises(ResumeError, match="rollout policy cannot be resumed"):
+        _run(d, resume=True)
