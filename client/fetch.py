@@ -36,6 +36,8 @@ __all__ = [
     "FetchResult",
     "download_verified",
     "fetch_model",
+    "file_lock",
+    "hash_file",
     "load_fetched_model",
 ]
 
@@ -67,7 +69,7 @@ class FetchResult:
     """Body bytes received over the network by this call."""
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -76,7 +78,7 @@ def _hash_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Two processes fetching into one cache must not write the same .incomplete.
 
     The lock file is removed when done, so the cache holds only models (no
@@ -176,9 +178,9 @@ class _Fetcher:
             raise FetchError(f"manifest has an invalid sha256 {sha!r}")
         final = self.cache_dir / f"{sha}.safetensors"
         weights = f"{API}/versions/{manifest.version}/weights"
-        with _file_lock(self.cache_dir / f"{sha}.lock"):
+        with file_lock(self.cache_dir / f"{sha}.lock"):
             if final.exists():
-                if final.stat().st_size == manifest.size and _hash_file(final) == sha:
+                if final.stat().st_size == manifest.size and hash_file(final) == sha:
                     received = self._revalidate(weights, sha)
                     if received is None:
                         return FetchResult(final, manifest, sha, downloaded=False, bytes=0)
@@ -252,7 +254,7 @@ def download_verified(
     what = expected.what
     try:
         received = _transfer(client, url, expected, part, where, progress)
-        have = _hash_file(part)
+        have = hash_file(part)
         if have != expected.sha256:
             resumed = received < expected.size  # a resume received only the tail
             part.unlink()
@@ -263,7 +265,7 @@ def download_verified(
                 )
             # The old partial may have been bad: one clean retry from byte 0.
             received += _transfer(client, url, expected, part, where, progress)
-            have = _hash_file(part)
+            have = hash_file(part)
             if have != expected.sha256:
                 part.unlink()
                 raise FetchError(
@@ -331,6 +333,13 @@ def _transfer_once(
             mode = "ab"
         elif r.status_code == 200:
             offset, mode = 0, "wb"
+            length = r.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != size:
+                part.unlink(missing_ok=True)  # another file than the expected one: keep nothing
+                raise FetchError(
+                    f"{where}{url} sends {what} as {int(length)} bytes, but {size} are expected: "
+                    "not the expected file; nothing kept"
+                )
         elif r.status_code == 416 and offset:
             raise _RangeRefused
         elif r.status_code == 404:

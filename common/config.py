@@ -52,6 +52,10 @@ class DataConfig(_Section):
 
     dataset: DatasetName = "digits"
     path: str = ""
+    """File or folder to load; a relative one is looked up under ``root``."""
+    root: str = ""
+    """Data folder for a relative ``path`` (empty: ``$HYBRIDFL_DATA``, else the current
+    folder); ``hybridfl data get NAME --to DIR`` fills one."""
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     """Share of each device's samples kept as that device's own test split."""
     synthetic_alpha: float = Field(1.0, ge=0.0)
@@ -64,7 +68,8 @@ class DataConfig(_Section):
         if self.dataset not in ("digits", "synthetic") and not self.path:
             raise ValueError(
                 f"data.path is required for dataset '{self.dataset}': set it to the "
-                "file or folder to load (e.g. --set data.path=../shared/data/mnist.npz)"
+                "file or folder to load (e.g. --set data.path=mnist.npz, looked up under "
+                "data.root or $HYBRIDFL_DATA; `hybridfl data get mnist --to DIR` fetches it)"
             )
         return self
 

@@ -222,9 +222,11 @@ def fetch_cmd(
 
 cli.command()(report)
 
+from simulation.cli_data import register as _register_data  # noqa: E402
 from simulation.cli_deploy import register as _register_deploy  # noqa: E402
 
 _register_deploy(cli)
+_register_data(cli)
 
 
 def main() -> None:
