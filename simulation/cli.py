@@ -76,8 +76,23 @@ def simulate(
     ] = False,
     host: Annotated[str, typer.Option(help="Model server address (with --serve).")] = "127.0.0.1",
     port: Annotated[int, port_option("Model server port, 1-65535 (0: a free one).")] = 0,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Run once per seed, e.g. 0,1,2, into sibling folders <name>-s0, -s1, ...; "
+            "`hybridfl report` on them gives mean ± std.",
+        ),
+    ] = None,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
+    if seeds is not None:
+        if serve:
+            fail("--serve serves one run: not with --seeds (serve a finished one instead)")
+        from simulation.seeds import simulate_seeds
+
+        simulate_seeds(config, set_ or [], out, seeds)
+        return
     from common.rows import RoundRow, TimingRow
     from simulation.progress import done_line, evaluation_plan, plot_accuracy, progress_line
     from simulation.runner import RunnerError

@@ -367,7 +367,7 @@ def report(
     the last evaluated round (served, personalized, fine-tuned and held-out accuracy,
     gain, share hurt, bytes), the best rounds labelled apart, accuracy curves and the
     per-device gain distribution (PNG)."""
-    from simulation.compare import baseline_gain, runs_markdown
+    from simulation.compare import baseline_gain, runs_markdown, spread_markdown
 
     try:
         runs = load_runs(run_dirs)
@@ -381,7 +381,8 @@ def report(
         for row, run in zip(rows, runs, strict=True):
             row["baseline"] = ref
             row["baseline_gain"] = baseline_gain(run, ref)
-    text = runs_markdown(runs) + "\n\n" + markdown(rows)
+    spread = spread_markdown(runs, rows)
+    text = "\n\n".join([runs_markdown(runs), markdown(rows), *([spread] if spread else [])])
     typer.echo(text)
     atomic_write_text(target / REPORT_MD, text + "\n")
     written = [plot_curves(runs, target), plot_gain(runs, target)]
