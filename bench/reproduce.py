@@ -95,8 +95,14 @@ class Experiment:
 
 def _pflib(split: str, algo: str, extra: list[str], published: str) -> Experiment:
     tag = "path" if split == "pathological" else "dir01"
+    how = split
+    if split == "pathological":  # which classes a device holds: the seed's pairs or PFLlib's
+        assignment = next(
+            (x.split("=", 1)[1].strip('"') for x in extra if "class_assignment" in x), "seeded"
+        )
+        how = f"pathological (partition.class_assignment={assignment})"
     proto = (
-        f"PFLlib protocol on MNIST, {split}: 20 devices, all every round, 75/25 split "
+        f"PFLlib protocol on MNIST, {how}: 20 devices, all every round, 75/25 split "
         f"inside each device, 2NN, E=1, B=10, lr 0.01; client.algorithm={algo}"
     )
     sets = list(extra) + ([f'client.algorithm="{algo}"'] if algo != "fedavg" else [])

@@ -83,10 +83,25 @@ class PartitionConfig(_Section):
     """Dirichlet concentration; smaller means more label skew."""
     classes_per_device: int = Field(2, ge=1)
     """Pathological split: number of distinct labels per device."""
+    class_assignment: Literal["seeded", "pflib"] = "seeded"
+    """Pathological split: which classes each device holds. ``seeded``: consecutive
+    classes after a seeded relabelling (the pairs move with the seed); ``pflib``:
+    PFLlib's assignment (classes in label order to the lowest-numbered devices with
+    room: device 0 holds classes 0 and 1, as in PFLlib's published results)."""
     shards_per_device: int = Field(2, ge=1)
     """Shards split (McMahan et al.): shards of sorted labels per device."""
     min_samples_per_device: int = Field(2, ge=2)
     """Every device needs at least one train and one test sample."""
+
+    @model_validator(mode="after")
+    def _assignment_is_pathological(self) -> PartitionConfig:
+        if self.class_assignment != "seeded" and self.method != "pathological":
+            raise ValueError(
+                f"partition.class_assignment = '{self.class_assignment}' applies to "
+                f"partition.method = 'pathological' only (method is '{self.method}'): "
+                "remove it or set partition.method = 'pathological'"
+            )
+        return self
 
 
 class ModelConfig(_Section):
