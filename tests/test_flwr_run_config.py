@@ -33,6 +33,10 @@ def test_pyproject_declares_every_experiment_key_and_nothing_else() -> None:
         f"remove: {sorted(set(experiment) - schema)}"
     )
     assert all(v == "" for v in experiment.values())  # "" = as in the experiment file
+    # hybridfl's own `flwr run` submitter keeps only declared keys: dotted ones included.
+    from simulation.flwr_cli import app_run_config_keys
+
+    assert app_run_config_keys(REPO) == set(declared)
 
 
 def test_a_bare_flwr_run_applies_run_config_keys_like_set(
