@@ -82,11 +82,12 @@ def current_block(text: str, name: str) -> str:
 
 
 def run_quickstart(out_dir: Path) -> tuple[str, float, float | None]:
-    """``hybridfl simulate --out OUT`` on the default config: stdout, wall s, first round s."""
+    """``hybridfl simulate`` on the default config, as the README runs it (run folder
+    ``runs/quickstart`` under ``out_dir``): stdout, wall s, first round s."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "simulation.cli", "simulate", "--out", str(out_dir / "quickstart")],
+        [sys.executable, "-m", "simulation.cli", "simulate"],
         capture_output=True, text=True, env=env, cwd=out_dir, check=False,
     )  # fmt: skip
     wall = time.monotonic() - t0

@@ -38,7 +38,7 @@ def test_report_says_what_each_run_is_and_which_keys_differ(
 ) -> None:
     text = _report(*(str(p) for p in trio.values()), "--out", str(tmp_path))
     runs = {r[0]: r[1:] for r in _table_rows(text, "run | data")}
-    p = "pathological (2 classes/device), 6 devices"
+    p = "pathological (2 classes/device, seeded), 6 devices"
     assert runs["fedper"] == ["digits", p, "mlp2nn (hidden 16)", "42"]
     assert runs["seed1"][3] == "1"
     diffs = {r[0]: r[1:] for r in _table_rows(text, "key | fedavg")}
