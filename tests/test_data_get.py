@@ -271,3 +271,25 @@ def test_a_missing_relative_path_says_where_it_looked_and_how_to_get_the_data(
     assert f"under ${DATA_ENV} = {tmp_path}" in msg and "hybridfl data get mnist --to DIR" in msg
     with pytest.raises(DataError, match=r"under data\.root = /nowhere"):
         load_dataset(DataConfig(dataset="npz", path="mnist.npz", root="/nowhere"))
+
+
+def test_the_command_fills_the_data_folder_named_by_the_env_and_says_how_to_use_it(
+    server: FileServer, idx_files: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI's success path, in-process, with the test files pinned instead of MNIST's."""
+    from typer.testing import CliRunner
+
+    from simulation import data_get
+    from simulation.cli import cli
+
+    monkeypatch.setitem(data_get.SOURCES, "mnist", pinned_to(idx_files, server.url))
+    monkeypatch.setenv(DATA_ENV, str(tmp_path / "data"))
+    monkeypatch.delenv(DATA_URL_ENV, raising=False)
+    result = CliRunner().invoke(cli, ["data", "get", "mnist"])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {tmp_path / 'data' / 'mnist.npz'} (300 train / 40 test images" in result.output
+    assert 'data.path = "mnist.npz"' in result.output
+    again = CliRunner().invoke(cli, ["data", "get", "mnist", "--to", str(tmp_path / "data")])
+    assert again.output.count("already downloaded and verified") == 4
+    bad = CliRunner().invoke(cli, ["data", "get", "mnist", "--base-url", "ftp://x"])
+    assert bad.exit_code == 2 and "not an http:// or https:// URL" in bad.output
