@@ -10,6 +10,7 @@ are the test files' own.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import threading
@@ -293,3 +294,64 @@ def test_the_command_fills_the_data_folder_named_by_the_env_and_says_how_to_use_
     assert again.output.count("already downloaded and verified") == 4
     bad = CliRunner().invoke(cli, ["data", "get", "mnist", "--base-url", "ftp://x"])
     assert bad.exit_code == 2 and "not an http:// or https:// URL" in bad.output
+
+
+def _leaf_json(path: Path, users: dict[str, tuple[np.ndarray, list[int]]]) -> None:
+    """A file in LEAF's data_to_json.py layout (pixels gray/255: 1.0 = white background)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "users": list(users),
+        "num_samples": [len(y) for _, y in users.values()],
+        "user_data": {
+            w: {"x": x.reshape(len(y), -1).tolist(), "y": y} for w, (x, y) in users.items()
+        },
+    }
+    path.write_text(json.dumps(data))
+
+
+def test_femnist_is_converted_from_leafs_own_output(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulation.cli import cli
+
+    rng = np.random.default_rng(0)
+    ink = {w: rng.integers(0, 256, size=(n, 28, 28)) for w, n in (("f1", 6), ("f2", 4), ("f3", 2))}
+    leaf = tmp_path / "leaf"
+    split = {"f1": (4, 2), "f2": (3, 1)}  # f3 has no test split: left out
+    _leaf_json(leaf / "train" / "a.json", {
+        "f2": (1 - ink["f2"][:3] / 255, [10, 61, 0]),
+        "f1": (1 - ink["f1"][:4] / 255, [1, 2, 3, 4]),
+        "f3": (1 - ink["f3"] / 255, [5, 5]),
+    })  # fmt: skip
+    _leaf_json(leaf / "test" / "b.json", {
+        "f1": (1 - ink["f1"][4:] / 255, [1, 9]),
+        "f2": (1 - ink["f2"][3:] / 255, [61]),
+    })  # fmt: skip
+    out = tmp_path / "data"
+    result = CliRunner().invoke(
+        cli, ["data", "get", "femnist", "--from-leaf", str(leaf), "--to", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 writers with both splits, 7 train / 3 test images" in result.output
+    with np.load(out / "femnist.npz", allow_pickle=False) as npz:
+        assert npz["writers"].tolist() == ["f1", "f2"]
+        np.testing.assert_array_equal(npz["x_train"][:4], ink["f1"][:4])  # 0 = background
+        assert npz["writer_train"].tolist() == [0] * split["f1"][0] + [1] * split["f2"][0]
+        assert npz["y_test"].tolist() == [1, 9, 61]
+    ds = load_dataset(DataConfig(dataset="femnist", path="femnist.npz", root=str(out)))
+    assert ds.num_classes == 62 and len(ds.y_train) == 7
+
+
+def test_femnist_without_leaf_output_says_how_to_get_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulation.cli import cli
+
+    result = CliRunner().invoke(cli, ["data", "get", "femnist", "--to", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "preprocess.sh" in result.output and "--from-leaf" in result.output
+    assert list(tmp_path.iterdir()) == []
+    bad = CliRunner().invoke(
+        cli, ["data", "get", "femnist", "--from-leaf", str(tmp_path), "--to", str(tmp_path)]
+    )
+    assert bad.exit_code == 2 and "no LEAF JSON files in" in bad.output
