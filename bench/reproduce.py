@@ -3,14 +3,15 @@
 Why a script and not a notebook: every number in ``bench/results/reproductions.md``
 must come with the exact ``hybridfl simulate`` command that produced it, the rounds
 actually run, the wall time and the machine, so anyone can rerun it and compare. The
-published numbers (McMahan et al. 2017; PFLlib; LEAF) are quoted from
-``/work/shared/REFERENCES.md``; ours are read back from each run's ``metrics.jsonl``
+published numbers (McMahan et al. 2017; PFLlib; LEAF) are quoted from the papers
+(collected in the datasets' REFERENCES.md); ours are read back from each run's ``metrics.jsonl``
 through ``server.summary.summarize`` (last evaluated round first, best round beside it,
 labelled, because the best round is a test-set maximum and flatters).
 
-Usage::
+Usage (the configs name ``mnist.npz`` / ``femnist_105writers.npz`` under a data folder:
+``--data DIR`` or ``$HYBRIDFL_DATA``, filled by ``hybridfl data get mnist --to DIR``)::
 
-    python bench/reproduce.py                         # every experiment, in priority order
+    python bench/reproduce.py --data DIR              # every experiment, in priority order
     python bench/reproduce.py --only pflib_path_fedavg pflib_path_fedrep --rounds-scale 0.5
     python bench/reproduce.py --table-only            # rebuild the table from existing runs
 
@@ -41,13 +42,13 @@ RESULTS_MD = REPO / "bench" / "results" / "reproductions.md"
 SIDECAR = "{}.repro.json"
 """Written next to each run folder: command, exit code and wall time of our subprocess."""
 
-MNIST = "/work/shared/data/mnist.npz"
-FEMNIST = "/work/shared/data/femnist_105writers.npz"
+DATA_ENV = "HYBRIDFL_DATA"
+"""The data folder the configs' relative ``data.path`` (mnist.npz, femnist_105writers.npz)
+is looked up under; ``--data DIR`` sets it for the runs (``hybridfl data get mnist --to DIR``)."""
 
 PATH_CFG = "configs/pflib_mnist_pathological.toml"
 DIR01 = ["partition.method=dirichlet", "partition.alpha=0.1"]
 FEMNIST_SET = [
-    f'data.path="{FEMNIST}"',
     'evaluation.devices="all"',
     "evaluation.every=5",
     "evaluation.holdout_fraction=0.2",
@@ -94,8 +95,14 @@ class Experiment:
 
 def _pflib(split: str, algo: str, extra: list[str], published: str) -> Experiment:
     tag = "path" if split == "pathological" else "dir01"
+    how = split
+    if split == "pathological":  # which classes a device holds: the seed's pairs or PFLlib's
+        assignment = next(
+            (x.split("=", 1)[1].strip('"') for x in extra if "class_assignment" in x), "seeded"
+        )
+        how = f"pathological (partition.class_assignment={assignment})"
     proto = (
-        f"PFLlib protocol on MNIST, {split}: 20 devices, all every round, 75/25 split "
+        f"PFLlib protocol on MNIST, {how}: 20 devices, all every round, 75/25 split "
         f"inside each device, 2NN, E=1, B=10, lr 0.01; client.algorithm={algo}"
     )
     sets = list(extra) + ([f'client.algorithm="{algo}"'] if algo != "fedavg" else [])
@@ -195,7 +202,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_experiment(exp: Experiment, out: Path, rounds_scale: float) -> dict[str, Any]:
+def run_experiment(
+    exp: Experiment, out: Path, rounds_scale: float, data: Path | None = None
+) -> dict[str, Any]:
     """Run one experiment (or reuse a finished run folder) and record how it ran."""
     run_dir = out / exp.name
     side = out / SIDECAR.format(exp.name)
@@ -210,7 +219,10 @@ def run_experiment(exp: Experiment, out: Path, rounds_scale: float) -> dict[str,
     out.mkdir(parents=True, exist_ok=True)
     print(f"[reproduce] {exp.name}: {shlex.join(cmd)}", flush=True)
     t0 = time.monotonic()
-    rc = subprocess.call([_hybridfl(), *cmd[1:]], cwd=REPO)
+    env = dict(os.environ)
+    if data is not None:
+        env[DATA_ENV] = str(data)
+    rc = subprocess.call([_hybridfl(), *cmd[1:]], cwd=REPO, env=env)
     record = {"cmd": cmd, "rc": rc, "wall_s": time.monotonic() - t0, "finished": time.time()}
     side.write_text(json.dumps(record, indent=1))
     print(f"[reproduce] {exp.name}: exit {rc} in {record['wall_s']:.0f} s", flush=True)
@@ -419,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/repro"), help="run folders go here")
     ap.add_argument("--table-only", action="store_true", help="only rebuild the table")
     ap.add_argument("--list", action="store_true", help="list experiment names and exit")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None,
+        help=f"data folder holding mnist.npz and femnist_105writers.npz (default: ${DATA_ENV})",
+    )
     args = ap.parse_args(argv)
     if args.list:
         for e in EXPERIMENTS:
@@ -431,9 +449,14 @@ def main(argv: list[str] | None = None) -> int:
     selected = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
     out = args.out.resolve()
     failed = 0
+    if not args.table_only and args.data is None:
+        ap.error(
+            f"no data folder: pass --data DIR or set {DATA_ENV}=DIR "
+            "(fill it with `hybridfl data get mnist --to DIR`)"
+        )
     if not args.table_only:
         for exp in selected:
-            rec = run_experiment(exp, out, args.rounds_scale)
+            rec = run_experiment(exp, out, args.rounds_scale, args.data.resolve())
             failed += int(rec.get("rc", 0) != 0)
             RESULTS_MD.parent.mkdir(parents=True, exist_ok=True)
             RESULTS_MD.write_text(write_table(EXPERIMENTS, out))  # commit-worthy as they come

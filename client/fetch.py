@@ -40,7 +40,17 @@ if TYPE_CHECKING:
     import torch
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-__all__ = ["FetchError", "FetchResult", "fetch_model", "load_fetched_model", "tls_context"]
+__all__ = [
+    "Expected",
+    "FetchError",
+    "FetchResult",
+    "download_verified",
+    "fetch_model",
+    "file_lock",
+    "hash_file",
+    "load_fetched_model",
+    "tls_context",
+]
 
 API = "/v1/models/global"
 CHUNK = 1 << 20
@@ -70,7 +80,7 @@ class FetchResult:
     """Body bytes received over the network by this call."""
 
 
-def _hash_file(path: Path) -> str:
+def hash_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -79,7 +89,7 @@ def _hash_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """Two processes fetching into one cache must not write the same .incomplete.
 
     The lock file is removed when done, so the cache holds only models (no
@@ -212,9 +222,9 @@ class _Fetcher:
             raise FetchError(f"manifest has an invalid sha256 {sha!r}")
         final = self.cache_dir / f"{sha}.safetensors"
         weights = f"{API}/versions/{manifest.version}/weights"
-        with _file_lock(self.cache_dir / f"{sha}.lock"):
+        with file_lock(self.cache_dir / f"{sha}.lock"):
             if final.exists():
-                if final.stat().st_size == manifest.size and _hash_file(final) == sha:
+                if final.stat().st_size == manifest.size and hash_file(final) == sha:
                     received = self._revalidate(weights, sha)
                     if received is None:
                         return FetchResult(final, manifest, sha, downloaded=False, bytes=0)
@@ -241,113 +251,167 @@ class _Fetcher:
             raise FetchError(f"revalidating {self.base_url}{url} failed: {exc}") from exc
 
     def _download(self, url: str, manifest: VersionManifest, final: Path) -> int:
-        part = final.with_name(final.name + ".incomplete")
+        expected = Expected(
+            size=manifest.size,
+            sha256=manifest.sha256,
+            what=f"version {manifest.version}",
+            etag=f'"{manifest.sha256}"',
+        )
         try:
-            received = self._transfer(url, manifest, part)
-            have = _hash_file(part)
-            if have != manifest.sha256:
-                resumed = received < manifest.size  # a resume received only the tail
-                part.unlink()
-                if not resumed:
-                    raise FetchError(
-                        f"corrupt download of version {manifest.version} from {self.base_url}: "
-                        f"sha256 {have} != manifest {manifest.sha256}; file deleted"
-                    )
-                # The old partial may have been bad: one clean retry from byte 0.
-                received += self._transfer(url, manifest, part)
-                have = _hash_file(part)
-                if have != manifest.sha256:
-                    part.unlink()
-                    raise FetchError(
-                        f"corrupt download of version {manifest.version} from {self.base_url}: "
-                        f"sha256 {have} != manifest {manifest.sha256}; file deleted"
-                    )
+            return download_verified(
+                self.client, url, expected, final, where=self.base_url, progress=self.progress
+            )
         except httpx.ConnectError as exc:
             raise self._unreachable(exc) from exc
-        except httpx.TimeoutException as exc:
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a download must turn out to be; ``what`` names it in messages."""
+
+    size: int
+    sha256: str
+    what: str
+    etag: str | None = None
+    """The strong validator the server sends for these bytes (sent as ``If-Range``
+    on a resume and checked on every reply); None when the server has none we know."""
+
+
+def download_verified(
+    client: httpx.Client,
+    url: str,
+    expected: Expected,
+    final: Path,
+    *,
+    where: str,
+    progress: ProgressFn | None = None,
+) -> int:
+    """Download ``url`` into ``final``: ``.incomplete`` (resumed by Range), sha256, rename.
+
+    Shared by the model fetch and ``hybridfl data get``: one place that never leaves
+    a file at ``final`` that does not hash to ``expected.sha256``. A partial
+    ``.incomplete`` from an interrupted call is resumed; bytes that do not verify
+    are deleted. Returns the body bytes received. ``httpx.ConnectError`` is left to
+    the caller, which knows what to suggest.
+    """
+    part = final.with_name(final.name + ".incomplete")
+    what = expected.what
+    try:
+        received = _transfer(client, url, expected, part, where, progress)
+        have = hash_file(part)
+        if have != expected.sha256:
+            resumed = received < expected.size  # a resume received only the tail
+            part.unlink()
+            if not resumed:
+                raise FetchError(
+                    f"corrupt download of {what} from {where}: sha256 {have} != expected "
+                    f"{expected.sha256}; file deleted"
+                )
+            # The old partial may have been bad: one clean retry from byte 0.
+            received += _transfer(client, url, expected, part, where, progress)
+            have = hash_file(part)
+            if have != expected.sha256:
+                part.unlink()
+                raise FetchError(
+                    f"corrupt download of {what} from {where}: sha256 {have} != expected "
+                    f"{expected.sha256}; file deleted"
+                )
+    except httpx.ConnectError:
+        raise
+    except httpx.TimeoutException as exc:
+        raise FetchError(f"download of {what} from {where} timed out; run again to resume") from exc
+    except httpx.HTTPError as exc:
+        raise FetchError(
+            f"download of {what} from {where} failed ({exc}); run again to resume"
+        ) from exc
+    os.replace(part, final)
+    fsync_dir(final.parent)
+    return received
+
+
+def _transfer(
+    client: httpx.Client,
+    url: str,
+    expected: Expected,
+    part: Path,
+    where: str,
+    progress: ProgressFn | None,
+) -> int:
+    """Fill ``part`` up to ``expected.size`` bytes, resuming what is there.
+
+    Returns the bytes received; fewer than the size means it was a resume.
+    """
+    try:
+        return _transfer_once(client, url, expected, part, where, progress)
+    except _RangeRefused:
+        part.unlink(missing_ok=True)  # the server disagrees about the partial: restart
+        return _transfer_once(client, url, expected, part, where, progress)
+
+
+def _transfer_once(
+    client: httpx.Client,
+    url: str,
+    expected: Expected,
+    part: Path,
+    where: str,
+    progress: ProgressFn | None,
+) -> int:
+    size, etag, what = expected.size, expected.etag, expected.what
+    offset = part.stat().st_size if part.exists() else 0
+    if offset >= size:  # a complete (or oversized) leftover: start over
+        part.unlink(missing_ok=True)
+        offset = 0
+    headers: dict[str, str] = {}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if etag is not None:
+            headers["If-Range"] = etag
+    received = 0
+    with client.stream("GET", url, headers=headers) as r:
+        if r.status_code == 206:
+            want = f"bytes {offset}-{size - 1}/{size}"
+            if r.headers.get("content-range") != want:
+                raise FetchError(
+                    f"bad Content-Range {r.headers.get('content-range')!r}, expected {want!r}"
+                )
+            mode = "ab"
+        elif r.status_code == 200:
+            offset, mode = 0, "wb"
+            length = r.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) != size:
+                part.unlink(missing_ok=True)  # another file than the expected one: keep nothing
+                raise FetchError(
+                    f"{where}{url} sends {what} as {int(length)} bytes, but {size} are expected: "
+                    "not the expected file; nothing kept"
+                )
+        elif r.status_code == 416 and offset:
+            raise _RangeRefused
+        elif r.status_code == 404:
+            raise FetchError(f"{what} not found on {where}: {_detail_stream(r)}")
+        elif r.status_code == 503:
+            raise FetchError(f"the server at {where} refuses to serve {what}: {_detail_stream(r)}")
+        else:
+            raise FetchError(f"{where}{url}: HTTP {r.status_code}: {_detail_stream(r)}")
+        got_etag = r.headers.get("etag")
+        if etag is not None and got_etag is not None and got_etag != etag:
+            raise FetchError(f"server sent ETag {got_etag} for {what}, but expected {etag}")
+        with open(part, mode) as f:
+            pos = offset
+            for chunk in r.iter_raw(CHUNK):
+                if pos + len(chunk) > size:
+                    raise FetchError(f"server sent more than the {size} bytes of {what}")
+                f.write(chunk)
+                pos += len(chunk)
+                received += len(chunk)
+                if progress is not None:
+                    progress(pos, size)
+            f.flush()
+            os.fsync(f.fileno())
+        if pos != size:
             raise FetchError(
-                f"download of version {manifest.version} from {self.base_url} timed out; "
-                "run again to resume"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise FetchError(
-                f"download of version {manifest.version} from {self.base_url} failed ({exc}); "
-                "run again to resume"
-            ) from exc
-        os.replace(part, final)
-        fsync_dir(final.parent)
-        return received
-
-    def _transfer(self, url: str, manifest: VersionManifest, part: Path) -> int:
-        """Fill ``part`` up to ``manifest.size`` bytes, resuming what is there.
-
-        Returns the bytes received; fewer than the size means it was a resume.
-        """
-        try:
-            return self._transfer_once(url, manifest, part)
-        except _RangeRefused:
-            part.unlink(missing_ok=True)  # the server disagrees about the partial: restart
-            return self._transfer_once(url, manifest, part)
-
-    def _transfer_once(self, url: str, manifest: VersionManifest, part: Path) -> int:
-        size = manifest.size
-        etag = f'"{manifest.sha256}"'
-        offset = part.stat().st_size if part.exists() else 0
-        if offset >= size:  # a complete (or oversized) leftover: start over
-            part.unlink(missing_ok=True)
-            offset = 0
-        headers = {"Range": f"bytes={offset}-", "If-Range": etag} if offset else {}
-        received = 0
-        with self.client.stream("GET", url, headers=headers) as r:
-            if r.status_code == 206:
-                expected = f"bytes {offset}-{size - 1}/{size}"
-                if r.headers.get("content-range") != expected:
-                    raise FetchError(
-                        f"bad Content-Range {r.headers.get('content-range')!r}, "
-                        f"expected {expected!r}"
-                    )
-                mode = "ab"
-            elif r.status_code == 200:
-                offset, mode = 0, "wb"
-            elif r.status_code == 416 and offset:
-                raise _RangeRefused
-            elif r.status_code == 404:
-                raise FetchError(
-                    f"version {manifest.version} not found on {self.base_url}: {_detail_stream(r)}"
-                )
-            elif r.status_code == 503:
-                raise FetchError(
-                    f"the server at {self.base_url} refuses to serve version {manifest.version}: "
-                    f"{_detail_stream(r)}"
-                )
-            else:
-                raise FetchError(f"{self.base_url}{url}: HTTP {r.status_code}: {_detail_stream(r)}")
-            got_etag = r.headers.get("etag")
-            if got_etag is not None and got_etag != etag:
-                raise FetchError(
-                    f"server sent ETag {got_etag} for version {manifest.version}, "
-                    f"but its manifest says {etag}"
-                )
-            with open(part, mode) as f:
-                pos = offset
-                for chunk in r.iter_raw(CHUNK):
-                    if pos + len(chunk) > size:
-                        raise FetchError(
-                            f"server sent more than the {size} bytes of version {manifest.version}"
-                        )
-                    f.write(chunk)
-                    pos += len(chunk)
-                    received += len(chunk)
-                    if self.progress is not None:
-                        self.progress(pos, size)
-                f.flush()
-                os.fsync(f.fileno())
-            if pos != size:
-                raise FetchError(
-                    f"download of version {manifest.version} ended at {pos} of {size} bytes; "
-                    "run again to resume"
-                )
-        return received
+                f"download of {what} ended at {pos} of {size} bytes; run again to resume"
+            )
+    return received
 
 
 def _detail_stream(response: httpx.Response) -> str:

@@ -55,6 +55,10 @@ class DataConfig(_Section):
 
     dataset: DatasetName = "digits"
     path: str = ""
+    """File or folder to load; a relative one is looked up under ``root``."""
+    root: str = ""
+    """Data folder for a relative ``path`` (empty: ``$HYBRIDFL_DATA``, else the current
+    folder); ``hybridfl data get NAME --to DIR`` fills one."""
     test_fraction: float = Field(0.25, gt=0.0, lt=1.0)
     """Share of each device's samples kept as that device's own test split."""
     synthetic_alpha: float = Field(1.0, ge=0.0)
@@ -67,7 +71,8 @@ class DataConfig(_Section):
         if self.dataset not in ("digits", "synthetic") and not self.path:
             raise ValueError(
                 f"data.path is required for dataset '{self.dataset}': set it to the "
-                "file or folder to load (e.g. --set data.path=../shared/data/mnist.npz)"
+                "file or folder to load (e.g. --set data.path=mnist.npz, looked up under "
+                "data.root or $HYBRIDFL_DATA; `hybridfl data get mnist --to DIR` fetches it)"
             )
         return self
 
@@ -81,10 +86,25 @@ class PartitionConfig(_Section):
     """Dirichlet concentration; smaller means more label skew."""
     classes_per_device: int = Field(2, ge=1)
     """Pathological split: number of distinct labels per device."""
+    class_assignment: Literal["seeded", "pflib"] = "seeded"
+    """Pathological split: which classes each device holds. ``seeded``: consecutive
+    classes after a seeded relabelling (the pairs move with the seed); ``pflib``:
+    PFLlib's assignment (classes in label order to the lowest-numbered devices with
+    room: device 0 holds classes 0 and 1, as in PFLlib's published results)."""
     shards_per_device: int = Field(2, ge=1)
     """Shards split (McMahan et al.): shards of sorted labels per device."""
     min_samples_per_device: int = Field(2, ge=2)
     """Every device needs at least one train and one test sample."""
+
+    @model_validator(mode="after")
+    def _assignment_is_pathological(self) -> PartitionConfig:
+        if self.class_assignment != "seeded" and self.method != "pathological":
+            raise ValueError(
+                f"partition.class_assignment = '{self.class_assignment}' applies to "
+                f"partition.method = 'pathological' only (method is '{self.method}'): "
+                "remove it or set partition.method = 'pathological'"
+            )
+        return self
 
 
 class ModelConfig(_Section):

@@ -21,6 +21,7 @@ from common.data import (
     partition_stats,
     save_partition,
 )
+from common.data.paths import resolve_data_path
 from common.seeding import numpy_rng
 
 CONFIG_FILE = "config.toml"
@@ -54,8 +55,9 @@ RAY_DIR = "ray"
 def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
     """Write the resolved config and the partition; return the partition stats.
 
-    A relative ``data.path`` is resolved against the current directory here, once:
-    the SuperLink, the ServerApp and the Ray workers all run elsewhere.
+    A relative ``data.path`` is resolved here, once (under ``data.root``,
+    ``$HYBRIDFL_DATA`` or the current folder): the SuperLink, the ServerApp and the
+    Ray workers all run elsewhere, maybe with another environment.
     """
     cfg = resolved(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -73,9 +75,10 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
 
 
 def resolved(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` as a run folder stores it: a relative ``data.path`` made absolute."""
+    """``cfg`` as a run folder stores it: a relative ``data.path`` made absolute (under
+    ``data.root``, ``$HYBRIDFL_DATA`` or the current folder)."""
     if cfg.data.path and not Path(cfg.data.path).is_absolute():
-        data = cfg.data.model_copy(update={"path": str(Path(cfg.data.path).resolve())})
+        data = cfg.data.model_copy(update={"path": str(resolve_data_path(cfg.data))})
         cfg = cfg.model_copy(update={"data": data})
     return cfg
 

@@ -49,10 +49,43 @@ RESUME_KEY = "resume"
 """Run-config key: true to continue the run folder's run from its last checkpoint."""
 
 
+APP_KEYS = ("config", "run-dir", POPULATION_KEY, RESUME_KEY)
+"""Run-config keys of the app itself; every other declared key is an experiment key."""
+
+
+def run_config_overrides(run_config: dict[str, object]) -> list[str]:
+    """Experiment keys set with ``flwr run . --run-config 'rounds=3 client.lr=0.1'``, as
+    ``--set`` items, so they take the same override path (and errors) as the CLI's.
+
+    ``pyproject.toml`` declares every experiment key with the value "" (Flower refuses
+    undeclared keys): "" means "as in the experiment file" and is skipped.
+    """
+    items = []
+    for key, value in sorted(run_config.items()):
+        if key in APP_KEYS or value == "":
+            continue
+        text = json.dumps(value) if isinstance(value, str) else _toml_scalar(value)
+        items.append(f"{key}={text}")
+    return items
+
+
+def _toml_scalar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
 def resolve_run_dir(run_config: dict[str, object]) -> Path:
     """The run folder named by the run config, or a new one for a bare ``flwr run .``."""
     given = str(run_config.get("run-dir", "") or "")
+    overrides = run_config_overrides(run_config)
     if given:
+        if overrides:
+            raise ValueError(
+                f"run config sets experiment keys ({', '.join(overrides)}) and run-dir "
+                f"{given}: a prepared run folder already holds its config; give them to "
+                "`hybridfl simulate --set` instead, or drop run-dir"
+            )
         run_dir = Path(given)
         if not (run_dir / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"run-dir {run_dir} has no {CONFIG_FILE}: prepare it first")
@@ -62,7 +95,7 @@ def resolve_run_dir(run_config: dict[str, object]) -> Path:
         # Relative to the app: `flwr run .` installs the repository (configs
         # included) as a FAB, and the ServerApp runs from elsewhere.
         cfg_path = default_config_path().parent.parent / cfg_path
-    cfg = load_config(cfg_path)
+    cfg = load_config(cfg_path, overrides)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     run_dir = Path(cfg.output.root).resolve() / f"{cfg.name}-{stamp}"
     prepare_run_dir(cfg, run_dir)

@@ -88,8 +88,25 @@ def simulate(
             "CONFIG and --set, if given, must match the run's config.",
         ),
     ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Run once per seed, e.g. 0,1,2, into sibling folders <name>-s0, -s1, ...; "
+            "`hybridfl report` on them gives mean ± std.",
+        ),
+    ] = None,
 ) -> None:
     """Run a federated simulation: a Flower SuperLink, devices under Ray, one run folder."""
+    if seeds is not None:
+        if resume is not None:
+            fail("--resume continues one run: not with --seeds (resume each seed's folder)")
+        if serve:
+            fail("--serve serves one run: not with --seeds (serve a finished one instead)")
+        from simulation.seeds import simulate_seeds
+
+        simulate_seeds(config, set_ or [], out, seeds)
+        return
     from common.rows import RoundRow, TimingRow
     from simulation.progress import done_line, evaluation_plan, plot_accuracy, progress_line
     from simulation.runner import RunnerError
@@ -316,9 +333,11 @@ def sign_cmd(
     echo(f"signed {len(signed)} version(s): {signed}" if signed else "every version is signed")
 
 
+from simulation.cli_data import register as _register_data  # noqa: E402
 from simulation.cli_deploy import register as _register_deploy  # noqa: E402
 
 _register_deploy(cli)
+_register_data(cli)
 
 
 def main() -> None:

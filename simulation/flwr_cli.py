@@ -150,7 +150,9 @@ def app_run_config_keys(app: Path) -> set[str]:
         data = tomllib.loads((app / "pyproject.toml").read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return set()
-    return set(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    from flwr.common.config import flatten_dict  # dotted keys, as Flower checks them
+
+    return set(flatten_dict(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})))
 
 
 def _toml_value(v: str | int | float | bool) -> str:

@@ -159,6 +159,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     if timed:
         header += ["virtual hours", "to global target", "to personalized target", "dropped"]
     header += ["per device-round up / down", "total bytes"]
+    baseline = next((r["baseline"] for r in rows if r.get("baseline") is not None), None)
+    if baseline is not None:
+        header += [f"gain vs {baseline.name}'s global (devices)"]
     body = []
     for r in rows:
         rounds = f"{r['rounds']}" + (
@@ -184,16 +187,29 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
             f"{_bytes(r['bytes_up_per_update'])} / {_bytes(r['bytes_down_per_device'])}",
             _bytes(r["bytes_total"]),
         ]
+        if baseline is not None:
+            vs = r.get("baseline_gain")
+            cells.append(
+                f"{_pp(vs.gain)} ({vs.num_devices})" if vs and vs.gain is not None else "-"
+            )
         body.append(cells)
-    last_rounds = sorted({str(r["last_round"]) for r in rows if r.get("last_round") is not None})
+    last_rounds = sorted({int(r["last_round"]) for r in rows if r.get("last_round") is not None})
     intro = (
-        f"### Last evaluated round (round {', '.join(last_rounds) or '-'})\n\n"
+        f"### Last evaluated round (round {', '.join(map(str, last_rounds)) or '-'})\n\n"
         "Accuracy: sample-weighted mean over devices' own test splits. *global*: the served "
         "model; *personalized*: each device's own model; *fine-tuned*: the served model after "
         "a few local steps (a new user's day one). *gain*: personalized - global "
         "(10th percentile in brackets); *hurt*: share of devices whose personalized model is "
         "worse than the served one."
         + (" *held-out*: devices that never trained." if holdout else "")
+        + (
+            f" *gain vs {baseline.name}'s global*: this run's personalized models minus the "
+            f"baseline run {baseline.name}'s served global model, on the devices both "
+            "evaluated (same data and partition; their number in brackets); *gain* above "
+            "is against the run's own global model."
+            if baseline is not None
+            else ""
+        )
     )
     best_header = ["run", "best global test", "best personalized", "best fine-tuned"]
     if holdout:
@@ -218,7 +234,13 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     best_intro = (
         "### Best round (test-set maximum over all evaluations: flatters, do not quote alone)"
     )
-    return "\n\n".join([intro, _table(header, body), best_intro, _table(best_header, best_body)])
+    notes = [
+        f"- {r['run']}: no gain vs {baseline.name}: {r['baseline_gain'].reason}"
+        for r in rows
+        if baseline is not None and r.get("baseline_gain") and r["baseline_gain"].gain is None
+    ]
+    main = [intro, _table(header, body), *(["\n".join(notes)] if notes else [])]
+    return "\n\n".join([*main, best_intro, _table(best_header, best_body)])
 
 
 def _clock_cells(clock: dict[str, Any] | None) -> list[str]:
@@ -369,17 +391,35 @@ def report(
             "--out", help="Folder for report.md and the PNGs (default: the first run folder)."
         ),
     ] = None,
+    baseline: Annotated[
+        Path | None,
+        typer.Option(
+            "--baseline",
+            help="A reference run (e.g. runs/fedavg): also report each run's personalized "
+            "accuracy against this run's served global model, on the same devices.",
+        ),
+    ] = None,
 ) -> None:
-    """Compare runs: a markdown table of the last evaluated round (served, personalized,
-    fine-tuned and held-out accuracy, gain, share hurt, bytes), the best rounds labelled
-    apart, accuracy curves and the per-device gain distribution (PNG)."""
+    """Compare runs: what each run is and which config keys differ; a markdown table of
+    the last evaluated round (served, personalized, fine-tuned and held-out accuracy,
+    gain, share hurt, bytes), the best rounds labelled apart, accuracy curves and the
+    per-device gain distribution (PNG)."""
+    from simulation.compare import baseline_gain, runs_markdown, spread_markdown
+
     try:
         runs = load_runs(run_dirs)
+        ref = load_run(baseline) if baseline is not None else None
     except ReportError as err:
         fail(str(err))
     target = out if out is not None else run_dirs[0]
     target.mkdir(parents=True, exist_ok=True)
-    text = markdown([run_row(r) for r in runs])
+    rows = [run_row(r) for r in runs]
+    if ref is not None:
+        for row, run in zip(rows, runs, strict=True):
+            row["baseline"] = ref
+            row["baseline_gain"] = baseline_gain(run, ref)
+    spread = spread_markdown(runs, rows)
+    text = "\n\n".join([runs_markdown(runs), markdown(rows), *([spread] if spread else [])])
     sections = [history_markdown(r.name, r.path) for r in runs]
     text = "\n\n".join([text, *(s for s in sections if s)])
     typer.echo(text)

@@ -122,6 +122,7 @@ def test_relative_data_path_is_resolved_in_the_run_folder(
         y_test=np.arange(8, dtype=np.uint8) % 4,
     )
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HYBRIDFL_DATA", raising=False)  # no data folder: the current one
     cfg = load_config(None, ["data.dataset=npz", "data.path=d.npz", "partition.num_devices=4"])
     prepare_run_dir(cfg, tmp_path / "run")
     assert load_config(tmp_path / "run" / "config.toml").data.path == str(data)

@@ -161,6 +161,52 @@ def test_pathological_exactly_k_labels_balanced(digits: Dataset, k: int) -> None
     assert uses.max() - uses.min() <= k  # each class on roughly the same number of devices
 
 
+def test_pflib_class_assignment_pairs_classes_as_pflib_does(digits: Dataset) -> None:
+    """PFLlib's separate_data('pat'), 20 clients, 10 classes, 2 per client: each class
+    goes to the first ceil(20/10*2) = 4 clients by id with room left, so clients 0-3
+    hold {0, 1}, clients 4-7 hold {2, 3}, ... whatever the seed."""
+    parts = {
+        seed: build_partition(
+            digits,
+            make_cfg("pathological", seed=seed, num_devices=20, class_assignment="pflib"),
+        )
+        for seed in (0, 7)
+    }
+    for part in parts.values():
+        assert_valid(digits, part, 20)
+        for d in range(20):
+            first = 2 * (d // 4)
+            assert device_labels(digits, part, d).tolist() == [first, first + 1], d
+        # Each class's samples are split evenly among its four devices.
+        for c in range(10):
+            owners = [d for d in range(20) if c in device_labels(digits, part, d)]
+            shares = [np.concatenate([part.train_idx[d], part.test_idx[d]]) for d in owners]
+            counts = [int((digits.y_train[share] == c).sum()) for share in shares]
+            assert sum(counts) == int((digits.y_train == c).sum())
+            assert max(counts) - min(counts) <= 1
+    assert not same(parts[0], parts[7])  # the seed still picks which samples go where
+
+
+def test_pflib_class_assignment_with_fewer_devices_than_classes(digits: Dataset) -> None:
+    """6 clients: ceil(6/10*2) = 2 per class; classes 6-9 find no client with room."""
+    part = build_partition(
+        digits, make_cfg("pathological", num_devices=6, class_assignment="pflib")
+    )
+    held = [device_labels(digits, part, d).tolist() for d in range(6)]
+    assert held == [[0, 1], [0, 1], [2, 3], [2, 3], [4, 5], [4, 5]]
+
+
+def test_default_class_assignment_is_unchanged_and_pflib_is_pathological_only(
+    digits: Dataset,
+) -> None:
+    default = make_cfg("pathological", num_devices=20)
+    assert default.partition.class_assignment == "seeded"
+    pflib = make_cfg("pathological", num_devices=20, class_assignment="pflib")
+    assert not same(build_partition(digits, default), build_partition(digits, pflib))
+    with pytest.raises(ValueError, match=r"class_assignment = 'pflib' applies to .*pathological"):
+        make_cfg("dirichlet", class_assignment="pflib")
+
+
 def test_shards_are_mcmahan_style(digits: Dataset) -> None:
     part = build_partition(digits, make_cfg("shards", num_devices=20, shards_per_device=2))
     n_labels = [len(device_labels(digits, part, d)) for d in range(20)]

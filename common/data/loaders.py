@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .dataset import DataError, Dataset
+from .paths import resolve_data_path, where_looked
 
 if TYPE_CHECKING:
     from common.config import DataConfig
@@ -61,7 +62,13 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             f"data.dataset: unknown dataset '{cfg.dataset}' (expected one of "
             f"{sorted([*LOADERS, 'synthetic'])})"
         )
-    return loader(Path(cfg.path).expanduser())
+    path = resolve_data_path(cfg)
+    try:
+        return loader(path)
+    except DataError as err:
+        if path.exists():
+            raise
+        raise DataError(f"{err}{where_looked(cfg)}") from None  # say where it looked
 
 
 # --------------------------------------------------------------------------- digits

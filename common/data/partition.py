@@ -20,6 +20,9 @@ Methods (``partition.method``), all deterministic for a given ``seed``:
   classes are relabelled by a seeded permutation first, so which device holds which
   classes (and which samples) still depends on the seed. The slowest method (~3.5 s on
   MNIST x 100 devices, nearly all in ``datasets.select`` hashing), paid once per run.
+  With ``partition.class_assignment = "pflib"``, hand-written instead: PFLlib's own
+  assignment (classes in label order to the lowest-numbered devices with room), so
+  the class pairs match PFLlib's published protocol whatever the seed.
 - ``shards``: hand-written (McMahan et al. 2017). Flower's ``ShardPartitioner`` cuts
   shards of ``floor(N / (devices * shards))`` samples and drops the remainder (37 of
   the 1437 digits for 20 devices x 2 shards); here the label-sorted pool is cut into
@@ -131,6 +134,8 @@ def build_partition(dataset: Dataset, cfg: ExperimentConfig) -> Partition:
         shares = _iid(y, p, cfg.seed)
     elif p.method == "dirichlet":
         shares = _dirichlet(y, p, cfg.seed)
+    elif p.method == "pathological" and p.class_assignment == "pflib":
+        shares = _pathological_pflib(y, p, cfg.seed)
     elif p.method == "pathological":
         shares = _pathological(y, p, cfg.seed)
     elif p.method == "shards":
@@ -307,6 +312,42 @@ def _pathological(y: np.ndarray, p: PartitionConfig, seed: int) -> list[np.ndarr
             f"and partition.classes_per_device={k} is impossible for this pool ({err}); "
             "lower partition.num_devices or partition.classes_per_device"
         ) from None
+
+
+def _pathological_pflib(y: np.ndarray, p: PartitionConfig, seed: int) -> list[np.ndarray]:
+    """PFLlib's ``pat`` split (``dataset/utils/dataset_utils.py``, ``separate_data``).
+
+    Classes in label order; each goes to the first ``ceil(devices / classes * k)``
+    devices, by id, that still hold fewer than ``k`` classes, and its samples are split
+    evenly among them (PFLlib's ``balance=True``; its default draws unequal sizes). With
+    20 devices and k=2: devices 0-3 hold classes 0 and 1, devices 4-7 classes 2 and 3,
+    and so on. Classes reached when no device has room are not used (as in PFLlib).
+    Only which samples of a class go to which device depends on the seed.
+    """
+    present = np.unique(y)
+    n, k = p.num_devices, p.classes_per_device
+    if k > len(present):
+        raise DataError(
+            f"partition.classes_per_device={k} but the training pool has only "
+            f"{len(present)} distinct labels: lower partition.classes_per_device to at "
+            f"most {len(present)}"
+        )
+    per_class = int(np.ceil((n / len(present)) * k))
+    room = [k] * n
+    rng = np.random.default_rng([seed, _TAG_POOL, 5])
+    parts: list[list[np.ndarray]] = [[] for _ in range(n)]
+    for label in present:
+        owners = [d for d in range(n) if room[d] > 0][:per_class]
+        if not owners:
+            break
+        members = rng.permutation(np.flatnonzero(y == label))
+        for d, chunk in zip(owners, np.array_split(members, len(owners)), strict=True):
+            parts[d].append(chunk)
+            room[d] -= 1
+    return [
+        np.sort(np.concatenate(ps)).astype(np.int64) if ps else np.zeros(0, dtype=np.int64)
+        for ps in parts
+    ]
 
 
 def _shards(y: np.ndarray, p: PartitionConfig, seed: int) -> list[np.ndarray]:
