@@ -2,7 +2,7 @@
 
 Why: a real device never sees the server's config file, so everything it needs to
 train travels in the message. The algorithm's settings are not re-declared here:
-the task *embeds* the config's ``client`` and ``evaluation`` sections, so the value
+the task *embeds* the config's ``client``, ``evaluation`` and ``attack`` sections, so the value
 a device trains with is, by construction, the value the user set (``task_for`` is
 the one place a task is derived from the config).
 
@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import ClientConfig, EvaluationConfig, ExperimentConfig
+from common.config_attack import AttackConfig
 
 CONFIG_KEY = "config"
 ARRAYS_KEY = "arrays"
@@ -56,6 +57,10 @@ class RoundInstructions(_Wire):
     simulation is rerun, and fsync per device dominated small-model rounds."""
     preaggregate: bool = False
     """Reply with one weighted sum of the cohort's updates instead of each update."""
+    attack: AttackConfig = AttackConfig()
+    """Simulated poisoning (``kind = "none"``: every device is honest)."""
+    num_devices: int = Field(0, ge=0)
+    """Population size: which devices are malicious follows from it and the seed."""
 
     @property
     def algorithm(self) -> str:
@@ -98,6 +103,8 @@ def task_for(
         devices=list(devices or []),
         durable_state=durable_state,
         preaggregate=preaggregate,
+        attack=cfg.attack,
+        num_devices=cfg.partition.num_devices,
     )
 
 

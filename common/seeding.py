@@ -17,7 +17,16 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-_PURPOSES = {"sampling": 1, "train": 2, "init": 3, "eval": 5, "synthetic": 6, "eval-sample": 10}
+_PURPOSES = {
+    "sampling": 1,
+    "train": 2,
+    "init": 3,
+    "eval": 5,
+    "synthetic": 6,
+    "eval-sample": 10,
+    "attack": 20,
+    "attack-noise": 21,
+}
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 
 
