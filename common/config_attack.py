@@ -10,10 +10,11 @@ task (``common.protocol.task_for``), as the ``client`` section does.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.seeding import sample_devices
 
@@ -46,6 +47,12 @@ class AttackConfig(BaseModel):
     """Standard deviation of the ``noise`` attack's Gaussian, per weight."""
     start_round: int = Field(1, ge=1)
     """First round in which malicious devices attack (before it they are honest)."""
+
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _nan_is_a_name(cls, v: object) -> object:
+        """``--set attack.kind=nan`` parses as the TOML float nan: it means the kind."""
+        return "nan" if isinstance(v, float) and math.isnan(v) else v
 
     @model_validator(mode="after")
     def _sensible(self) -> AttackConfig:
