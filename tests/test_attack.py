@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from client.attack import poison_data
 from client.cohort import train_cohort
@@ -35,6 +37,15 @@ from tests.inprocess_grid import InProcessGrid
 N = 8
 """Devices in these tests; attack.fraction = 0.25 makes two of them malicious."""
 SEED = 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one thread, as a device's ClientApp runs (threads only contend here)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _cfg(*overrides: str) -> ExperimentConfig:
@@ -63,6 +74,15 @@ def _run(run_dir: Path, *overrides: str) -> tuple[ServerLoop, Arrays]:
         InProcessGrid(run_dir, 2), cfg, run_dir, open_source(cfg, run_dir / PARTITION_FILE)
     )
     return loop, loop.run()
+
+
+# -- device side -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExperimentConfig]:
+    run_dir = tmp_path_factory.mktemp("attack-devices")
+    cfg = _cfg()
+    prepare_run_dir(cfg, run_dir)
+    return run_dir, cfg
 
 
 # -- config --------------------------------------------------------------------------
@@ -103,7 +123,9 @@ def test_nonsense_is_refused_naming_the_key(sets: list[str], message: str) -> No
         load_config(None, ["partition.num_devices=8", *sets])
 
 
-def test_malicious_devices_are_seeded_fixed_and_recorded(tmp_path: Path) -> None:
+def test_malicious_devices_are_seeded_fixed_and_recorded(
+    tmp_path: Path, device_run: tuple[Path, ExperimentConfig]
+) -> None:
     a = AttackConfig(kind="scale", fraction=0.25)
     chosen = a.malicious(SEED, 1000)
     assert len(chosen) == 250 and chosen == malicious_devices(SEED, 0.25, 1000)
@@ -120,18 +142,7 @@ def test_malicious_devices_are_seeded_fixed_and_recorded(tmp_path: Path) -> None
     record = json.loads((tmp_path / ATTACK_FILE).read_text())
     assert record["kind"] == "sign_flip" and record["num_malicious"] == 2
     assert record["devices"] == sorted(malicious_devices(SEED, 0.25, N))
-    honest = tmp_path / "honest"
-    prepare_run_dir(_cfg(), honest)
-    assert not (honest / ATTACK_FILE).exists()
-
-
-# -- device side -----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, ExperimentConfig]:
-    run_dir = tmp_path_factory.mktemp("attack-devices")
-    cfg = _cfg()
-    prepare_run_dir(cfg, run_dir)
-    return run_dir, cfg
+    assert not (device_run[0] / ATTACK_FILE).exists()  # an honest run has none
 
 
 def _train(
