@@ -2,9 +2,9 @@
 
 Why: a real device never sees the server's config file, so everything it needs to
 train travels in the message. The algorithm's settings are not re-declared here:
-the task *embeds* the config's ``client``, ``evaluation`` and ``attack`` sections, so the value
-a device trains with is, by construction, the value the user set (``task_for`` is
-the one place a task is derived from the config).
+the task *embeds* the config's ``client``, ``evaluation`` and ``attack`` sections, so
+the value a device trains with is, by construction, the value the user set
+(``task_for`` is the one place a task is derived from the config).
 
 A message may carry several devices (a *cohort*: simulation trains them one after
 another on one resident model); the reply carries each device's update as one row

@@ -206,6 +206,7 @@ class ServerLoop:
             failed=got.failed,
             rejected=ok.rejected,
             train_loss=loss if math.isfinite(loss) else None,
+            num_clipped=self.aggregator.clipped if self.cfg.strategy.clip_norm > 0 else None,
             bytes_up=shared_bytes * len(reports),
             bytes_down=float(nbytes(self.global_arrays)) * len(chosen),
             cost=RoundCost(
