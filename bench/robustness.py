@@ -44,10 +44,10 @@ ATTACKS: dict[str, tuple[str, list[str]]] = {
     "none": ("none", []),
     "scale": ("scale x10", ["attack.kind='scale'", "attack.scale=10"]),
     "sign_flip": ("sign flip x4", ["attack.kind='sign_flip'", "attack.scale=4"]),
-    "noise": ("noise, std 1", ["attack.kind='noise'", "attack.noise_std=1.0"]),
     "label_flip": ("label flip", ["attack.kind='label_flip'"]),
-    "inflate_count": ("example count x10", ["attack.kind='inflate_count'", "attack.scale=10"]),
+    "noise": ("noise, std 1", ["attack.kind='noise'", "attack.noise_std=1.0"]),
     "nan": ("NaN", ["attack.kind='nan'"]),
+    "inflate_count": ("example count x10", ["attack.kind='inflate_count'", "attack.scale=10"]),
 }
 """name -> (label in the table, overrides)."""
 DEFENCES: dict[str, list[str]] = {
@@ -137,7 +137,8 @@ def run_one(
     run_dir, src = prepared
     _, sets, clip = datasets(data_dir)[dataset]
     cfg = load_config(CONFIG, overrides(sets, clip, attack, defence, rounds))
-    shutil.rmtree(run_dir / STATE_DIR, ignore_errors=True)
+    for f in (run_dir / STATE_DIR).glob("*"):  # the folder stays: workers cache its store
+        f.unlink()
     t0, c0 = time.perf_counter(), time.process_time()
     result: dict[str, object] = {"dataset": dataset, "attack": attack, "defence": defence}
     loop = ServerLoop(InProcessGrid(run_dir, 2), cfg, run_dir, src)
