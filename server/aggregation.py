@@ -67,6 +67,14 @@ class StrategySpec:
     """Config keys its ``configure_train`` sends that hybridfl's devices honour."""
     min_updates: Callable[[ExperimentConfig], int] = lambda c: 1
     """Fewest updates its ``aggregate_train`` accepts (Bulyan: 4f + 3)."""
+    per_round: Callable[[Any, ExperimentConfig, int], None] | None = None
+    """Sets what depends on the round's number of accepted updates, before aggregating."""
+
+
+def _multikrum_select(strategy: MultiKrum, cfg: ExperimentConfig, n: int) -> None:
+    """MultiKrum averages the ``n - f`` best-scored updates (El Mhamdi et al.); Flower's
+    default, one, would make it Krum."""
+    strategy.num_nodes_to_select = max(1, n - cfg.strategy.num_malicious)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -95,7 +103,9 @@ STRATEGIES: dict[str, StrategySpec] = {
         lambda c: Krum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
     ),
     "multikrum": StrategySpec(
-        lambda c: MultiKrum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
+        lambda c: MultiKrum(**COMMON, num_malicious_nodes=c.strategy.num_malicious),
+        False,
+        per_round=_multikrum_select,
     ),
     "bulyan": StrategySpec(
         lambda c: Bulyan(**COMMON, num_malicious_nodes=c.strategy.num_malicious),
@@ -223,6 +233,8 @@ class Aggregator:
                 f"updates (4 * strategy.num_malicious + 3 for bulyan), {len(updates)} were "
                 "accepted: select more devices per round or lower strategy.num_malicious"
             )
+        if self.spec.per_round is not None:
+            self.spec.per_round(self.strategy, self.cfg, len(updates))
         bound = self.cfg.strategy.clip_norm
         self.clipped = 0
         if bound > 0:

@@ -340,3 +340,14 @@ def test_attack_none_leaves_metrics_byte_identical(tmp_path: Path) -> None:
     base = (tmp_path / "default" / METRICS_FILE).read_bytes()
     assert base == (tmp_path / "none" / METRICS_FILE).read_bytes()
     assert base == (tmp_path / "late" / METRICS_FILE).read_bytes()
+
+
+def test_multikrum_averages_all_but_the_assumed_malicious(tmp_path: Path) -> None:
+    """n - f best-scored updates, not Flower's default of one (which is Krum)."""
+    InProcessGrid(tmp_path, 1)  # sets the task identity that Flower's Message needs
+    cfg = _cfg("strategy.name=multikrum", "strategy.num_malicious=1")
+    agg = Aggregator(cfg)
+    updates = [(10.0, {"w": np.array([v], np.float32)}) for v in (0.0, 1.0, 3.0, 100.0)]
+    assert agg.aggregate(1, updates)["w"][0] == pytest.approx(4 / 3)
+    krum = Aggregator(_cfg("strategy.name=krum", "strategy.num_malicious=1"))
+    assert krum.aggregate(1, updates)["w"][0] in (0.0, 1.0)
