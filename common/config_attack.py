@@ -41,7 +41,7 @@ class AttackConfig(BaseModel):
     fraction: float = Field(0.0, ge=0.0, lt=1.0)
     """Share of the population that is malicious (``round(fraction * num_devices)``
     devices, a seeded choice)."""
-    scale: float = 10.0
+    scale: float = Field(10.0, allow_inf_nan=False)
     """Factor of ``scale``, ``sign_flip`` and ``inflate_count`` (above 1 for the last)."""
     noise_std: float = Field(1.0, gt=0.0)
     """Standard deviation of the ``noise`` attack's Gaussian, per weight."""
@@ -107,7 +107,12 @@ def robustness_checks(cfg: ExperimentConfig, pool: int) -> None:
 
     Called by ``ExperimentConfig``'s cross-checks with the training pool's size (the
     population minus held-out devices): a misfit stops before anything starts."""
-    s = cfg.strategy
+    s, a, n = cfg.strategy, cfg.attack, cfg.partition.num_devices
+    if a.active and not a.malicious(cfg.seed, n):
+        raise ValueError(
+            f"attack.fraction = {a.fraction:g} of partition.num_devices = {n} is no device: "
+            f"raise attack.fraction to at least {1 / n:.3g}"
+        )
     if s.name == "bulyan":
         need = 4 * s.num_malicious + 3
         k = s.devices_per_round or min(

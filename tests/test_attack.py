@@ -94,6 +94,8 @@ def device_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Experime
         (["attack.kind=scale", "attack.fraction=0.2", "attack.scale=0"], r"attack\.scale = 0"),
         (["attack.kind=inflate_count", "attack.fraction=0.2", "attack.scale=1"], "above 1"),
         (["attack.kind=scale"], r"attack\.fraction = 0 attacks nobody"),
+        (["attack.kind=scale", "attack.fraction=0.05"], r"attack\.fraction = 0.05 of .* 8 is no"),
+        (["attack.scale=inf"], r"attack\.scale"),
         (["attack.kind=poison"], r"attack\.kind"),
         (["attack.noise_std=0"], r"attack\.noise_std"),
         (["attack.start_round=0"], r"attack\.start_round"),
