@@ -14,6 +14,7 @@ import time
 import numpy as np
 
 from client.algorithms import get_algorithm
+from client.attack import poison_data, poison_update, reported_examples
 from client.coldstart import cold_start_metrics
 from client.drift import with_drift
 from client.measure import evaluate_models
@@ -41,7 +42,7 @@ def train_device(
 ) -> tuple[TrainReport, Arrays]:
     """One device's round: load its state, train from the global model, save its state."""
     t0 = time.perf_counter()
-    data = with_drift(device_data(env, device), task, device)
+    data = poison_data(task, device, with_drift(device_data(env, device), task, device))
     store = device_store(env)
     algo = get_algorithm(task.algorithm)
     reset = None
@@ -82,7 +83,7 @@ def train_device(
     m = update.metrics
     report = TrainReport(
         device=device,
-        num_examples=int(data.y_train.shape[0]),
+        num_examples=reported_examples(task, device, int(data.y_train.shape[0])),
         train_loss=float(m["train_loss"]),
         steps=int(m.get("steps", 0)),
         personal_loss=m.get("personal_loss"),
@@ -93,7 +94,7 @@ def train_device(
         cold_start_failed=bool(cold.get("failed", False)),
         state_reset=reset,
     )
-    return report, update.shared
+    return report, poison_update(task, device, update.shared, global_arrays)
 
 
 def _finite(arrays: Arrays) -> bool:

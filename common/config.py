@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.config_attack import AttackConfig, robustness_checks
 from common.config_clock import ClockConfig
 from common.config_rollout import RolloutConfig
 from common.config_scenario import ScenarioConfig
@@ -32,6 +33,7 @@ StrategyName = Literal[
     "fedtrimmedavg",
     "krum",
     "multikrum",
+    "bulyan",
 ]
 """Flower strategies (``server.aggregation.STRATEGIES`` builds each; a test checks both agree)."""
 AlgorithmName = Literal["fedavg", "fedprox", "fedper", "fedrep", "fedbn", "ditto", "apfl"]
@@ -131,9 +133,13 @@ class StrategyConfig(_Section):
     server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
     """FedAvgM: server momentum."""
     num_malicious: int = Field(0, ge=0)
-    """Krum/MultiKrum: number of malicious devices assumed per round."""
+    """Krum/MultiKrum/Bulyan: number of malicious devices assumed per round."""
     trim_beta: float = Field(0.2, gt=0.0, lt=0.5)
     """FedTrimmedAvg: fraction cut from each end before averaging."""
+    clip_norm: float = Field(0.0, ge=0.0)
+    """Server-side norm bounding: each update's distance (L2, over the shared weights)
+    from the current global model is scaled down to at most this before the strategy
+    sees it; 0 = off."""
     round_timeout_s: float = Field(600.0, gt=0.0)
     max_failed_fraction: float = Field(0.5, ge=0.0, le=1.0)
     """A round in which more than this share of the selected devices fail (crash, dead
@@ -274,6 +280,7 @@ class ExperimentConfig(_Section):
     clock: ClockConfig = ClockConfig()
     rollout: RolloutConfig = RolloutConfig()
     scenario: ScenarioConfig = ScenarioConfig()
+    attack: AttackConfig = AttackConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -319,6 +326,7 @@ class ExperimentConfig(_Section):
                 "lower it or add devices"
             )
         held = self.evaluation.num_holdout(self.partition.num_devices)
+        robustness_checks(self, self.partition.num_devices - held)
         k = self.strategy.devices_per_round
         if k and k < self.strategy.min_train_devices:
             raise ValueError(

@@ -2,9 +2,9 @@
 
 Why: a real device never sees the server's config file, so everything it needs to
 train travels in the message. The algorithm's settings are not re-declared here:
-the task *embeds* the config's ``client`` and ``evaluation`` sections, so the value
-a device trains with is, by construction, the value the user set (``task_for`` is
-the one place a task is derived from the config).
+the task *embeds* the config's ``client``, ``evaluation`` and ``attack`` sections, so
+the value a device trains with is, by construction, the value the user set
+(``task_for`` is the one place a task is derived from the config).
 
 A message may carry several devices (a *cohort*: simulation trains them one after
 another on one resident model); the reply carries each device's update as one row
@@ -19,6 +19,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from common.config import ClientConfig, EvaluationConfig, ExperimentConfig
+from common.config_attack import AttackConfig
 from common.drift import DriftSpec
 
 CONFIG_KEY = "config"
@@ -64,6 +65,10 @@ class RoundInstructions(_Wire):
     """The cap for the device being trained (set on the device from ``step_limits``)."""
     drift: DriftSpec | None = None
     """A drift scenario in force this round (simulation only; None: none)."""
+    attack: AttackConfig = AttackConfig()
+    """Simulated poisoning (``kind = "none"``: every device is honest)."""
+    num_devices: int = Field(0, ge=0)
+    """Population size: which devices are malicious follows from it and the seed."""
 
     @property
     def algorithm(self) -> str:
@@ -112,6 +117,8 @@ def task_for(
         preaggregate=preaggregate,
         step_limits=dict(step_limits or {}),
         drift=_drift(cfg, round_),
+        attack=cfg.attack,
+        num_devices=cfg.partition.num_devices,
     )
 
 

@@ -156,6 +156,8 @@ class RoundRow(_Row):
     rejected: list[DeviceIssue] = Field(default_factory=list)
     train_loss: float | None = None
     """Sample-weighted mean of the accepted devices' training losses."""
+    num_clipped: int | None = None
+    """Accepted updates that ``strategy.clip_norm`` scaled down (only when it is set)."""
     bytes_up: float
     bytes_down: float
     cost: RoundCost | None = None

@@ -44,6 +44,8 @@ COLD_START_FILE = "cold_start.jsonl"
 """First-join devices: the served model's accuracy on their own test split."""
 PROFILES_FILE = "profiles.csv"
 """Each device's virtual-clock profile (speed, bandwidths, availability), one row each."""
+ATTACK_FILE = "attack.json"
+"""Only under ``[attack]``: the kind, its settings, and which devices are malicious."""
 FLWR_HOME_DIR = "flwr_home"
 """The run's own ``FLWR_HOME`` (Flower config, SuperLink database, FABs)."""
 CHECKPOINT_DIR = "checkpoint"
@@ -62,6 +64,8 @@ def prepare_run_dir(cfg: ExperimentConfig, run_dir: Path) -> dict[str, object]:
     cfg = resolved(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / CONFIG_FILE, dump_config(cfg))
+    if cfg.attack.active:
+        write_attack_record(cfg, run_dir)
     if cfg.data.dataset == "synthetic":
         stats = synthetic_stats(cfg)
         atomic_write_text(run_dir / PARTITION_STATS_FILE, json.dumps(stats, indent=1) + "\n")
@@ -99,6 +103,13 @@ def config_differences(run: ExperimentConfig, given: ExperimentConfig) -> list[s
     return [
         f"{k}: run {a.get(k)!r}, given {b.get(k)!r}" for k in sorted(a | b) if a.get(k) != b.get(k)
     ]
+
+
+def write_attack_record(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Which devices the devices themselves will decide are malicious (same function)."""
+    devices = sorted(cfg.attack.malicious(cfg.seed, cfg.partition.num_devices))
+    record = {**cfg.attack.model_dump(), "num_malicious": len(devices), "devices": devices}
+    atomic_write_text(run_dir / ATTACK_FILE, json.dumps(record, indent=1) + "\n")
 
 
 def synthetic_stats(cfg: ExperimentConfig) -> dict[str, object]:

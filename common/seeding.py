@@ -33,6 +33,8 @@ _PURPOSES = {
     "async-select": 17,
     "rollout": 18,
     "drift": 19,
+    "attack": 20,
+    "attack-noise": 21,
 }
 """Numbers are part of every derived seed: never renumber (4, "partition", was unused)."""
 

@@ -9,11 +9,15 @@ strategy that needs device-side behaviour we lack fails loudly instead of silent
 misbehaving. Then ``aggregate_train`` runs on one message per accepted update,
 weighted by the example count the server knows. Adding a strategy is a line in
 ``STRATEGIES`` (and its name in ``common.config.StrategyName``) plus its test.
+
+Norm bounding (``strategy.clip_norm``) happens here, in one place, before any
+strategy sees an update: it is a defence for every strategy, not a strategy itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,6 +27,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -39,6 +44,8 @@ from common.config import ExperimentConfig
 from common.protocol import ARRAYS_KEY, WEIGHT_KEY
 from common.records import from_record, to_record
 from common.weights import Arrays
+
+log = logging.getLogger("hybridfl.server")
 
 COMMON: dict[str, Any] = {
     "fraction_train": 1.0,
@@ -58,6 +65,16 @@ class StrategySpec:
     weighted sums from workers give the same result, so ``preaggregate`` is allowed."""
     sends: frozenset[str] = frozenset({"server-round"})
     """Config keys its ``configure_train`` sends that hybridfl's devices honour."""
+    min_updates: Callable[[ExperimentConfig], int] = lambda c: 1
+    """Fewest updates its ``aggregate_train`` accepts (Bulyan: 4f + 3)."""
+    per_round: Callable[[Any, ExperimentConfig, int], None] | None = None
+    """Sets what depends on the round's number of accepted updates, before aggregating."""
+
+
+def _multikrum_select(strategy: MultiKrum, cfg: ExperimentConfig, n: int) -> None:
+    """MultiKrum averages the ``n - f`` best-scored updates (El Mhamdi et al.); Flower's
+    default, one, would make it Krum."""
+    strategy.num_nodes_to_select = max(1, n - cfg.strategy.num_malicious)
 
 
 STRATEGIES: dict[str, StrategySpec] = {
@@ -86,7 +103,14 @@ STRATEGIES: dict[str, StrategySpec] = {
         lambda c: Krum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
     ),
     "multikrum": StrategySpec(
-        lambda c: MultiKrum(**COMMON, num_malicious_nodes=c.strategy.num_malicious), False
+        lambda c: MultiKrum(**COMMON, num_malicious_nodes=c.strategy.num_malicious),
+        False,
+        per_round=_multikrum_select,
+    ),
+    "bulyan": StrategySpec(
+        lambda c: Bulyan(**COMMON, num_malicious_nodes=c.strategy.num_malicious),
+        False,
+        min_updates=lambda c: 4 * c.strategy.num_malicious + 3,
     ),
 }
 
@@ -161,6 +185,10 @@ class Aggregator:
         with _quiet_flower():
             self.strategy = self.spec.build(cfg)
         self.cfg = cfg
+        self.reference: Arrays = {}
+        """The current global model (shared part), set by ``configure`` each round."""
+        self.clipped = 0
+        """How many updates of the last ``aggregate`` were norm-bounded."""
         if cfg.simulation.preaggregate and not self.spec.weighted_mean:
             raise AggregationError(
                 f"simulation.preaggregate = true sums updates on the workers, but "
@@ -169,7 +197,11 @@ class Aggregator:
             )
 
     def configure(self, round_: int, shared: Arrays) -> None:
-        """Run the strategy's ``configure_train``; refuse config our devices ignore."""
+        """Run the strategy's ``configure_train``; refuse config our devices ignore.
+
+        ``shared`` is the current global model; ``aggregate`` bounds updates' distance
+        from it (as Flower's FedOpt keeps its current arrays from ``configure_train``)."""
+        self.reference = shared
         with _quiet_flower():
             record = to_record(shared)
             msgs = list(
@@ -192,7 +224,27 @@ class Aggregator:
             )
 
     def aggregate(self, round_: int, updates: list[tuple[float, Arrays]]) -> Arrays:
-        """The strategy's aggregate of ``(weight, arrays)`` updates, in the given order."""
+        """The strategy's aggregate of ``(weight, arrays)`` updates, in the given order
+        (each norm-bounded first when ``strategy.clip_norm`` is set)."""
+        need = self.spec.min_updates(self.cfg)
+        if len(updates) < need:
+            raise AggregationError(
+                f"round {round_}: strategy '{self.cfg.strategy.name}' needs at least {need} "
+                f"updates (4 * strategy.num_malicious + 3 for bulyan), {len(updates)} were "
+                "accepted: select more devices per round or lower strategy.num_malicious"
+            )
+        if self.spec.per_round is not None:
+            self.spec.per_round(self.strategy, self.cfg, len(updates))
+        bound = self.cfg.strategy.clip_norm
+        self.clipped = 0
+        if bound > 0:
+            bounded = [(w, clip_to_norm(a, self.reference, bound)) for w, a in updates]
+            self.clipped = sum(b is not a for (_, a), (_, b) in zip(updates, bounded, strict=True))
+            if self.clipped:
+                log.info(
+                    "round %d: %d of %d updates norm-bounded", round_, self.clipped, len(updates)
+                )
+            updates = bounded
         replies = [
             Message(
                 RecordDict(
@@ -267,9 +319,25 @@ STATE_ATTRS = ("current_arrays", "m_t", "v_t", "momentum_vector")
 """Attributes in which Flower's strategies keep state between rounds (see ``state``)."""
 
 
+def clip_to_norm(update: Arrays, reference: Arrays, bound: float) -> Arrays:
+    """``update`` moved toward ``reference`` so that their L2 distance (over every float
+    array together) is at most ``bound``; the same object when it already is."""
+    floats = [k for k in sorted(update) if update[k].dtype.kind == "f"]
+    sq = sum(float(np.sum((update[k].astype(np.float64) - reference[k]) ** 2)) for k in floats)
+    norm = math.sqrt(sq)
+    if norm <= bound:
+        return update
+    f = bound / norm
+    out = dict(update)
+    for k in floats:
+        ref = reference[k].astype(np.float64)
+        out[k] = (ref + (update[k].astype(np.float64) - ref) * f).astype(update[k].dtype)
+    return out
+
+
 def partial_mean(sums: Arrays, weight_total: float) -> Arrays:
     """A worker's partial weighted sum as a weighted mean (its weight is ``weight_total``)."""
     return {k: (v / weight_total) for k, v in sums.items()} if weight_total > 0 else {}
 
 
-__all__ = ["STRATEGIES", "AggregationError", "Aggregator", "partial_mean"]
+__all__ = ["STRATEGIES", "AggregationError", "Aggregator", "clip_to_norm", "partial_mean"]

@@ -310,6 +310,7 @@ class ServerLoop:
             failed=failed,
             rejected=ok.rejected,
             train_loss=loss if math.isfinite(loss) else None,
+            num_clipped=self.aggregator.clipped if self.cfg.strategy.clip_norm > 0 else None,
             bytes_up=shared_bytes * len(reports),
             bytes_down=float(nbytes(self.global_arrays)) * len(chosen),
             cost=RoundCost(
