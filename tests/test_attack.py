@@ -325,11 +325,11 @@ def test_bulyan_trains_under_attack(tmp_path: Path) -> None:
         "strategy.num_malicious=1",
         "attack.kind=sign_flip",
         "attack.fraction=0.125",
+        "rounds=1",  # Flower's Bulyan runs gc.collect() per selected update: ~0.3 s each
     )
     assert isinstance(loop.aggregator, Aggregator)
     assert all(np.isfinite(v).all() for v in final.values())
-    rows = _metrics(tmp_path)
-    assert [r["num_updates"] for r in rows] == [N, N]
+    assert [r["num_updates"] for r in _metrics(tmp_path)] == [N]
 
 
 def test_attack_none_leaves_metrics_byte_identical(tmp_path: Path) -> None:
