@@ -36,7 +36,11 @@ Kind = Literal["train", "evaluate"]
 
 
 class _Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """``ser_json_inf_nan="constants"``: a device whose training diverged reports a NaN
+    loss; as JSON ``null`` that would make its whole cohort's reply unreadable instead
+    of letting the server reject the non-finite update with its reason."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_inf_nan="constants")
 
 
 class RoundInstructions(_Wire):

@@ -325,11 +325,11 @@ def test_bulyan_trains_under_attack(tmp_path: Path) -> None:
         "strategy.num_malicious=1",
         "attack.kind=sign_flip",
         "attack.fraction=0.125",
+        "rounds=1",  # Flower's Bulyan runs gc.collect() per selected update: ~0.3 s each
     )
     assert isinstance(loop.aggregator, Aggregator)
     assert all(np.isfinite(v).all() for v in final.values())
-    rows = _metrics(tmp_path)
-    assert [r["num_updates"] for r in rows] == [N, N]
+    assert [r["num_updates"] for r in _metrics(tmp_path)] == [N]
 
 
 def test_attack_none_leaves_metrics_byte_identical(tmp_path: Path) -> None:
@@ -353,3 +353,17 @@ def test_multikrum_averages_all_but_the_assumed_malicious(tmp_path: Path) -> Non
     assert agg.aggregate(1, updates)["w"][0] == pytest.approx(4 / 3)
     krum = Aggregator(_cfg("strategy.name=krum", "strategy.num_malicious=1"))
     assert krum.aggregate(1, updates)["w"][0] in (0.0, 1.0)
+
+
+def test_a_diverged_device_reply_stays_readable() -> None:
+    """A poisoned global model can make honest training diverge: the reply must still
+    parse, so that the server rejects the NaN update with its reason (not the cohort)."""
+    from common.protocol import TrainReport
+
+    body = CohortReply(
+        kind="train",
+        train=[TrainReport(device=1, num_examples=5, train_loss=float("nan"), steps=2)],
+        layout="stacked",
+    )
+    back = CohortReply.from_record_fields(body.to_record_fields())
+    assert math.isnan(back.train[0].train_loss) and back.train[0].device == 1
