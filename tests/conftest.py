@@ -184,6 +184,9 @@ class _ServedRunJob:
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=SERVED_RUN_TIMEOUT_S)
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
     def result(self) -> ServedRun:
         self.thread.join(timeout=SERVED_RUN_TIMEOUT_S)
         if self.proc.poll() is None:
@@ -216,52 +219,77 @@ SERVED_RUN_TIMEOUT_S = 600
 
 
 class _Job(Protocol):
+    def running(self) -> bool: ...
     def result(self) -> Any: ...
     def stop(self) -> None: ...
 
 
 def _job_kinds() -> dict[str, Callable[[Path], _Job]]:
-    """Session fixtures whose real processes start in the background at collection."""
+    """Session fixtures whose real processes run in the background, in this order."""
     from tests.tls_deployment import TlsDeploymentJob
 
     return {"served_run": _ServedRunJob, "tls_deployment": TlsDeploymentJob}
 
 
 _jobs: dict[str, _Job] = {}
+_queued: dict[str, Callable[[], Path]] = {}
+"""Jobs a selected test needs, not started yet: name -> how to make its folder."""
 
 
 def _start_job(name: str, root: Callable[[], Path]) -> _Job:
-    """The job ``name``, started in a new folder ``root()`` unless it already runs."""
+    """The job ``name``, started now in a new folder ``root()`` unless it already runs."""
     if name not in _jobs:
+        _queued.pop(name, None)
         _jobs[name] = _job_kinds()[name](root())
     return _jobs[name]
 
 
+def _start_next() -> None:
+    """Start the next queued job once no other runs.
+
+    Why one at a time: each keeps about one of CI's two cores busy, and the unit
+    tests need the other; two at once would slow all three down, not finish sooner.
+    """
+    if _queued and not any(job.running() for job in _jobs.values()):
+        name = next(iter(_queued))
+        _start_job(name, _queued[name])
+
+
+def _job_order(item: pytest.Item) -> int:
+    """0 for a test that needs no background run, else 1 + the position of its run."""
+    used = set(getattr(item, "fixturenames", ()))
+    return next((i + 1 for i, name in enumerate(_job_kinds()) if name in used), 0)
+
+
 def pytest_collection_modifyitems(session: pytest.Session, items: list[pytest.Item]) -> None:
-    """Tests that read a background run go last (stable order otherwise), so the unit
-    tests run while it runs instead of waiting for it halfway through the session."""
-    kinds = set(_job_kinds())
-    items.sort(key=lambda item: bool(kinds & set(getattr(item, "fixturenames", ()))))
+    """Tests that read a background run go last, in the order the runs finish (stable
+    order otherwise), so the unit tests run meanwhile instead of waiting halfway."""
+    items.sort(key=_job_order)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start the shared real runs as soon as we know a selected test needs them.
+    """Queue the shared real runs that a selected test needs, and start the first.
 
     Why in the background: they mostly wait on process start-ups (SuperLink, Ray,
-    ServerApp, ClientApp processes), so on 2 cores the unit tests collected before
-    them run alongside instead of after; the fixture then just collects the result.
+    ServerApp, ClientApp processes), so on 2 cores the unit tests run alongside
+    instead of after; the fixture then just collects the result.
     """
     if session.config.option.collectonly:
         return
     wanted = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     factory = getattr(session.config, "_tmp_path_factory", None)  # pytest's tmp_path root
     for name in _job_kinds():
-        if name in wanted:
+        if name in wanted and name not in _jobs:
 
             def root(name: str = name) -> Path:
                 return Path(factory.mktemp(name) if factory else tempfile.mkdtemp(prefix=name))
 
-            _start_job(name, root)
+            _queued[name] = root
+    _start_next()
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _start_next()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -7,10 +7,11 @@ registered. ``python -m tests.tls_deployment ROOT`` leaves the run folder in
 registration gave, the rogue's exit code, the run's final status, the SuperLink's
 node table); ``test_deploy.py`` checks both.
 
-Why a process of its own, started at collection: a deployment mostly waits on
-process start-ups (every message starts a ClientApp process), so on 2 cores the
-unit tests run meanwhile; a separate process keeps the pytest process free for them,
-and a Ctrl-C (SIGINT) still stops every process through ``Deployment.stop``.
+Why a process of its own, in the background (after ``served_run``, see conftest.py):
+a deployment mostly waits on process start-ups (every message starts a ClientApp
+process), so on 2 cores the unit tests run meanwhile; a separate process keeps the
+pytest process free for them, and a Ctrl-C (SIGINT) still stops every process
+through ``Deployment.stop``.
 """
 
 from __future__ import annotations
@@ -113,6 +114,9 @@ class TlsDeploymentJob:
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
             )
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
 
     def result(self) -> TlsDeployment:
         try:
