@@ -42,6 +42,9 @@ class InProcessGrid(StandInGrid):
         """Device id -> pulls a reply for a message carrying it is held back for (a
         worker that finishes later in real time than the others)."""
         self._held: dict[str, int] = {}
+        self._devices_of: dict[str, tuple[str, list[int]]] = {}
+        self.pulled: list[tuple[str, list[int]]] = []
+        """(message type + group, devices) of each reply, in the order it was pulled."""
         self.sent: list[Message] = []
         self.replies: list[Message] = []
         self._ready: dict[str, Message] = {}
@@ -73,7 +76,12 @@ class InProcessGrid(StandInGrid):
             reply = self._deliver(msg)
             if reply is not None:
                 self._ready[msg.metadata.message_id] = reply
-                held = max((self.hold.get(d, 0) for d in _devices(msg)), default=0)
+                devs = _devices(msg)
+                self._devices_of[msg.metadata.message_id] = (
+                    f"{msg.metadata.message_type}:{msg.metadata.group_id}",
+                    devs,
+                )
+                held = max((self.hold.get(d, 0) for d in devs), default=0)
                 if held:
                     self._held[msg.metadata.message_id] = held
             ids.append(msg.metadata.message_id)
@@ -87,6 +95,8 @@ class InProcessGrid(StandInGrid):
                 continue
             if i in self._ready:
                 out.append(self._ready.pop(i))
+                if i in self._devices_of:
+                    self.pulled.append(self._devices_of.pop(i))
         return out
 
     def send_and_receive(
