@@ -11,6 +11,7 @@ live reader can tail. Each step is a part with one job (``server.population``,
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -182,6 +183,11 @@ class ServerLoop:
             if self.on_version:
                 self.on_version(0, self.global_arrays, {})
             save_checkpoint(self, 0)
+        # Flower's ArrayRecord.from_numpy_ndarrays(keep_input=False) runs a full
+        # gc.collect() per call (Bulyan: one per selected update); everything built so
+        # far (model, data, imports) lives for the whole run, so take it out of the
+        # collector's scans: each collection then costs what the round allocated.
+        gc.freeze()
         t_start = time.perf_counter()
         if self.cfg.clock.mode == "async":
             assert self.clock is not None

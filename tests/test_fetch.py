@@ -246,7 +246,9 @@ def test_refuses_bytes_that_do_not_match_the_manifest(tmp_path: Path) -> None:
         {"manifest": json.loads(manifest.model_dump_json()), "body": bytes(bad)},
     )
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+    )
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
