@@ -10,7 +10,7 @@ from fastapi import APIRouter, HTTPException
 
 from common.signing import SignatureError, SignatureRecord, read_signature
 from server.http_deps import SettingsDep
-from server.http_models import PREFIX, VersionParam
+from server.http_models import PREFIX, ErrorBody, VersionParam
 
 __all__ = ["router"]
 
@@ -21,6 +21,10 @@ router = APIRouter(prefix=PREFIX, tags=["models"])
     "/versions/{version}/signature",
     response_model=SignatureRecord,
     summary="Ed25519 signature over the version's manifest file (404 when unsigned)",
+    responses={
+        404: {"model": ErrorBody, "description": "The version is not signed"},
+        503: {"model": ErrorBody, "description": "The signature file is damaged (the reason)"},
+    },
 )
 def get_signature(version: VersionParam, settings: SettingsDep) -> SignatureRecord:
     try:
