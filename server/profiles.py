@@ -10,15 +10,16 @@ speeds and bandwidths, and gives ``trace`` availability its online intervals.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.atomic import atomic_write_text
 from common.config_clock import ClockConfig
 from common.seeding import numpy_rng
 
@@ -202,8 +203,7 @@ def write_profiles(p: Profiles, path: Path) -> None:
     """``profiles.csv``: the profile every device ran with (the same columns a user's file
     has, so a run's profiles can be edited and fed back through clock.profiles_file)."""
     ids = np.arange(p.size)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as f:
+    with io.StringIO() as f:
         if p.intervals is None:
             f.write("device,speed,down_mbps,up_mbps,offset_h,window_start_h\n")
             table = np.column_stack(
@@ -215,4 +215,4 @@ def write_profiles(p: Profiles, path: Path) -> None:
             for d in range(p.size):
                 online = ";".join(f"{a:g}-{b:g}" for a, b in p.intervals[d])
                 f.write(f"{d},{p.speed[d]:.6g},{p.down_mbps[d]:.6g},{p.up_mbps[d]:.6g},{online}\n")
-    os.replace(tmp, path)
+        atomic_write_text(path, f.getvalue())

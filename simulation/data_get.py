@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from client.fetch import Expected, FetchError, download_verified, file_lock, hash_file
-from common.atomic import fsync_dir
+from common.atomic import write_npz
 from common.data.dataset import DataError
 from common.data.loaders import find_idx_files, read_idx
 
@@ -202,15 +202,8 @@ def _convert_idx(raw: Path, out: Path) -> tuple[int, int]:
         n_x, n_y = len(arrays[f"x_{split}"]), len(arrays[f"y_{split}"])
         if n_x != n_y:
             raise DataGetError(f"{raw}: {n_x} {split} images but {n_y} labels")
-    tmp = out.with_name(f".{out.name}.incomplete")
     try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **{k: v.astype(np.uint8) for k, v in arrays.items()})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        write_npz(out, {k: v.astype(np.uint8) for k, v in arrays.items()})
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise DataGetError(f"cannot write {out} ({err.strerror or err})") from None
     return len(arrays["x_train"]), len(arrays["x_test"])

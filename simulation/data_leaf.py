@@ -13,12 +13,11 @@ under ``train/`` and ``test/``, pixels in [0, 1] with 1 = white background (LEAF
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-from common.atomic import fsync_dir
+from common.atomic import write_npz
 
 LEAF_SIDE = 28
 FEMNIST_OUTPUT = "femnist.npz"
@@ -79,15 +78,8 @@ def convert_leaf_femnist(leaf_dir: Path, to: Path) -> tuple[Path, int, int, int]
         )
     to.mkdir(parents=True, exist_ok=True)
     out = to / FEMNIST_OUTPUT
-    tmp = out.with_name(f".{out.name}.incomplete")
     try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
+        write_npz(out, arrays)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise LeafError(f"cannot write {out} ({err.strerror or err})") from None
     return out, len(writers), len(arrays["y_train"]), len(arrays["y_test"])
