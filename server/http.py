@@ -28,7 +28,7 @@ from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.rundir import METRICS_FILE, REGISTRY_DIR
-from server import http_events, http_models, http_rounds, http_signatures
+from server import http_events, http_models, http_predict, http_rounds, http_signatures
 from server.http_deps import TOKEN_ENV, ServerMetrics, Settings, SettingsDep, check_token
 from server.registry import Registry, RegistryError
 
@@ -291,7 +291,7 @@ def create_app(
         registry=registry,
         token=token,
         blobs=http_models.BlobCache(registry, memory_cache_bytes),
-        models=http_models.ModelCache(registry),
+        models=http_predict.ModelCache(registry),
         rounds=http_rounds.RoundsLog(run_dir / METRICS_FILE),
         metrics=ServerMetrics(registry),
     )
@@ -308,6 +308,7 @@ def create_app(
     app.state.settings = settings
     settings.metrics.model_builds = lambda: settings.models.builds
     app.include_router(http_models.router)
+    app.include_router(http_predict.router)
     app.include_router(http_rounds.router)
     app.include_router(http_signatures.router)
     app.include_router(http_events.router)

@@ -23,7 +23,8 @@ from server.registry import ALIASES, AliasDamaged, Registry, RegistryError
 from server.rollout_state import RolloutCollector
 
 if TYPE_CHECKING:  # the routers import this module: no runtime import back
-    from server.http_models import BlobCache, ModelCache
+    from server.http_models import BlobCache
+    from server.http_predict import ModelCache
     from server.http_rounds import RoundsLog
 
 TOKEN_ENV = "HYBRIDFL_TOKEN"
