@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.rows import ClockRow, DeviceIssue, Distribution
+from common.rows import ClockRow, DeviceIssue, Distribution, RoundRow
 from common.seeding import sample_devices
 from common.weights import Arrays
 from server.clock import ClockError, DeviceClock
@@ -190,7 +190,7 @@ class BufferedRun:
             window = Window(start_s=self.now_s)
             self._fill(window)  # the K-th arrival's place, from the new version
 
-    def _aggregate(self, agg: int, window: Window) -> tuple:  # type: ignore[type-arg]
+    def _aggregate(self, agg: int, window: Window) -> tuple[RoundRow, list[int], list[float]]:
         loop = self.loop
         shared_now = {k: loop.global_arrays[k] for k in sorted(loop.shared)}
         loop.aggregator.configure(agg, shared_now)
